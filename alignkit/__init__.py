@@ -1,0 +1,1 @@
+"""alignkit: align LLMs with negative responses."""

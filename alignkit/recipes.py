@@ -1,0 +1,135 @@
+"""YAML recipes: one file names a method and sets its config, model and data arguments.
+
+A recipe is a flat mapping, as in TRL's recipes::
+
+    method: dpo
+    model_name_or_path: tiny:qwen2
+    train_data: synthetic:arithmetic_pairs
+    beta: 0.1
+    output_dir: outputs/dpo_tiny
+
+``HfArgumentParser`` splits the keys between the method's ``*Config`` (a ``TrainingArguments``),
+:class:`~alignkit.modeling.ModelArguments` and :class:`DataArguments`; command-line ``--key value``
+pairs override the file. Unknown keys are an error that names the recipe and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+from alignkit.modeling import ModelArguments
+
+METHODS = {
+    "dpo": ("alignkit.trainers.dpo", "DPOConfig", "DPOTrainer"),
+}
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+@dataclass
+class DataArguments:
+    """Where the training and evaluation records come from."""
+
+    train_data: str = field(
+        default="synthetic:arithmetic_pairs",
+        metadata={"help": "JSONL/Parquet path, save_to_disk dir, hub id, or synthetic:arithmetic_pairs."},
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Same forms as train_data."})
+    train_split: str = "train"
+    eval_split: str = "test"
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    synthetic_train_size: int = 512
+    synthetic_eval_size: int = 64
+    synthetic_seed: int = 0
+
+
+def method_classes(method: str):
+    """The (config class, trainer class) of a method name."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    module, config_name, trainer_name = METHODS[method]
+    mod = importlib.import_module(module)
+    return getattr(mod, config_name), getattr(mod, trainer_name)
+
+
+def parse_recipe(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None):
+    """Read a recipe and apply ``--key value`` overrides: ``(method, config, model_args, data_args)``."""
+    raw = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe must be a mapping of keys to values")
+    method = raw.pop("method", None) or method
+    if method is None:
+        raise ValueError(f"{path}: the recipe has no 'method' (one of {sorted(METHODS)})")
+    config_cls, _ = method_classes(method)
+    parser = HfArgumentParser((config_cls, ModelArguments, DataArguments))
+    known = {f.name for cls in (config_cls, ModelArguments, DataArguments) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe keys {unknown} for method {method!r}")
+    parser.set_defaults(**raw)
+    config, model_args, data_args = parser.parse_args_into_dataclasses(args=overrides or [])
+    return method, config, model_args, data_args
+
+
+def load_data(source: str | None, data_args: DataArguments, kind: str, *, train: bool):
+    """Records for a trainer: a local path as is (so errors name the file), generated synthetic
+    records, or a hub dataset loaded with its split and configuration."""
+    if source is None:
+        return None
+    if source.startswith(SYNTHETIC_PREFIX):
+        from alignkit.tasks import arithmetic
+
+        name = source[len(SYNTHETIC_PREFIX) :]
+        size = data_args.synthetic_train_size if train else data_args.synthetic_eval_size
+        seed = data_args.synthetic_seed if train else data_args.synthetic_seed + 10_000
+        if name == "arithmetic_pairs":
+            return arithmetic.make_preference_pairs(size, seed=seed)
+        raise ValueError(f"unknown synthetic dataset {name!r}; available: arithmetic_pairs")
+    if Path(source).exists():
+        return source
+    from alignkit.data.loading import load_records
+
+    split = data_args.train_split if train else data_args.eval_split
+    return load_records(source, kind, split=split, name=data_args.dataset_config)
+
+
+def resolve_resume(config) -> str | None:
+    """``resume_from_checkpoint``: a path, or ``auto`` / ``true`` for the last checkpoint in output_dir."""
+    value = config.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    if str(value).lower() in ("auto", "true", "last"):
+        return get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    return value
+
+
+def run_recipe(method, config, model_args, data_args):
+    """Load the model, build the trainer, train (resuming if asked), save model/adapter and tokenizer."""
+    from transformers import set_seed
+
+    from alignkit.modeling import load_model_and_tokenizer, lora_config
+
+    _, trainer_cls = method_classes(method)
+    set_seed(config.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+
+    trainer = trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=load_data(data_args.train_data, data_args, trainer_cls.record_kind, train=True),
+        eval_dataset=load_data(data_args.eval_data, data_args, trainer_cls.record_kind, train=False),
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(config))
+    trainer.save_model(config.output_dir)
+    trainer.save_state()
+    return trainer

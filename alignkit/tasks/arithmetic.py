@@ -1,0 +1,134 @@
+"""Synthetic multi-step arithmetic: problems, step-by-step solutions, gold answers, wrong solutions.
+
+A problem is a chain of operations on a running value::
+
+    prompt:   "Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?"
+    solution: "7 + 5 = 12\\n12 * 3 = 36\\n36 - 4 = 32\\nThe answer is 32."
+    answer:   "32"
+
+A *wrong* solution makes one arithmetic slip at a chosen step and then computes the remaining steps
+correctly from the wrong value, so its final answer is wrong and its first bad step is known. That is
+the structure the per-step methods need (the first pit is the slip), and it gives DPO pairs with a
+well-defined preferred side.
+
+Everything is generated from a seed, offline, in milliseconds; a tiny model can learn the task on CPU.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+OPERATIONS = {
+    "add": ("Add {x}.", "+", lambda a, b: a + b),
+    "sub": ("Subtract {x}.", "-", lambda a, b: a - b),
+    "mul": ("Multiply by {x}.", "*", lambda a, b: a * b),
+}
+
+
+@dataclass(frozen=True)
+class ArithmeticSpec:
+    """Difficulty knobs of the task."""
+
+    min_steps: int = 2
+    max_steps: int = 3
+    max_start: int = 9
+    max_operand: int = 9
+    max_multiplier: int = 3
+    operations: tuple[str, ...] = ("add", "sub", "mul")
+
+
+def _solution_lines(start: int, ops: list[tuple[str, int]], slip_at: int | None, slip: int) -> tuple[list[str], int]:
+    value = start
+    lines = []
+    for i, (name, x) in enumerate(ops):
+        _, symbol, fn = OPERATIONS[name]
+        result = fn(value, x)
+        if i == slip_at:
+            result += slip
+        lines.append(f"{value} {symbol} {x} = {result}")
+        value = result
+    return lines, value
+
+
+def make_problem(rng: random.Random, spec: ArithmeticSpec = ArithmeticSpec()) -> dict:
+    """One problem record: ``prompt``, ``solution``, ``answer`` (str) and ``steps`` (solution lines)."""
+    start = rng.randint(1, spec.max_start)
+    n_steps = rng.randint(spec.min_steps, spec.max_steps)
+    ops = []
+    for _ in range(n_steps):
+        name = rng.choice(spec.operations)
+        x = rng.randint(2, spec.max_multiplier) if name == "mul" else rng.randint(1, spec.max_operand)
+        ops.append((name, x))
+    prompt = " ".join([f"Start with {start}."] + [OPERATIONS[n][0].format(x=x) for n, x in ops] + ["What is the result?"])
+    lines, value = _solution_lines(start, ops, None, 0)
+    return {
+        "prompt": prompt,
+        "solution": "\n".join(lines + [f"The answer is {value}."]),
+        "answer": str(value),
+        "steps": lines,
+        "_start": start,
+        "_ops": ops,
+    }
+
+
+def make_wrong_solution(problem: dict, rng: random.Random) -> tuple[str, int]:
+    """A solution with one slip; returns ``(text, index of the first wrong step)``."""
+    ops = problem["_ops"]
+    slip_at = rng.randrange(len(ops))
+    slip = rng.choice([-2, -1, 1, 2])
+    lines, value = _solution_lines(problem["_start"], ops, slip_at, slip)
+    return "\n".join(lines + [f"The answer is {value}."]), slip_at
+
+
+def _public(problem: dict) -> dict:
+    return {k: v for k, v in problem.items() if not k.startswith("_")}
+
+
+def make_problems(n: int, seed: int = 0, spec: ArithmeticSpec = ArithmeticSpec()) -> list[dict]:
+    """``n`` problem records (``prompt``, ``solution``, ``answer``, ``steps``), distinct prompts."""
+    rng = random.Random(seed)
+    seen, out = set(), []
+    while len(out) < n:
+        p = make_problem(rng, spec)
+        if p["prompt"] in seen:
+            continue
+        seen.add(p["prompt"])
+        out.append(_public(p))
+        if len(seen) > 50 * n:
+            raise ValueError(f"cannot draw {n} distinct problems from {spec}")
+    return out
+
+
+def make_preference_pairs(n: int, seed: int = 0, spec: ArithmeticSpec = ArithmeticSpec()) -> list[dict]:
+    """``n`` preference records: the gold solution as ``chosen``, a one-slip solution as ``rejected``.
+
+    Each record also carries ``answer`` and ``first_error_step`` (0-based) for analysis.
+    """
+    rng = random.Random(seed)
+    seen, out = set(), []
+    while len(out) < n:
+        p = make_problem(rng, spec)
+        if p["prompt"] in seen:
+            continue
+        seen.add(p["prompt"])
+        wrong, slip_at = make_wrong_solution(p, rng)
+        out.append(
+            {
+                "prompt": p["prompt"],
+                "chosen": p["solution"],
+                "rejected": wrong,
+                "answer": p["answer"],
+                "first_error_step": slip_at,
+            }
+        )
+    return out
+
+
+def corpus(n: int = 400, seed: int = 1234) -> list[str]:
+    """Text for training the tiny tokenizer: prompts and solutions of the task."""
+    texts = []
+    for p in make_problems(n, seed=seed, spec=ArithmeticSpec(min_steps=1, max_steps=4)):
+        texts.append(p["prompt"])
+        texts.append(p["solution"])
+    return texts

@@ -1,0 +1,345 @@
+"""The shared trainer core: ``AlignConfig`` and ``AlignTrainer`` on ``transformers.Trainer``.
+
+A method is a thin subclass that says
+
+* which record kind it reads (``record_kind``) and which responses a record contributes to its group
+  (``group_responses``),
+* how a batch becomes a loss and the terms to log (``compute_batch_loss``),
+* whether it needs a reference policy (``uses_reference``).
+
+Everything else is shared: loading and validating records, tokenizing them into response groups,
+collating into the padded or shared-prompt layout, scoring, the reference policy, per-term metric
+logging, checkpoints and resume (from ``transformers.Trainer``), and ``accelerate`` for DDP / FSDP /
+DeepSpeed.
+
+Reference policy (``AlignConfig.reference``):
+
+``adapter``      the model being trained with its LoRA adapter switched off: no second copy in memory;
+``model``        a frozen reference model (a copy of the starting model unless one is passed);
+``precomputed``  log-probs computed once before training with the starting model and cached to disk;
+``none``         reference-free methods;
+``auto``         ``adapter`` for a PEFT model, ``model`` otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+from alignkit.data.collate import LAYOUTS, GroupCollator
+from alignkit.data.loading import load_records
+from alignkit.data.tokenize import tokenize_group
+from alignkit.scoring import ResponseScores, score_responses
+
+REFERENCE_MODES = ("auto", "adapter", "model", "precomputed", "none")
+
+
+@dataclass
+class AlignConfig(TrainingArguments):
+    """Settings shared by every alignkit trainer, on top of ``transformers.TrainingArguments``."""
+
+    max_length: int | None = field(default=1024, metadata={"help": "Max prompt + response tokens per sequence."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Longer prompts keep their end."})
+    score_layout: str = field(
+        default="shared_prompt",
+        metadata={"help": "shared_prompt (prompt forwarded once per group; sdpa/eager) or padded (any attention)."},
+    )
+    reference: str = field(default="auto", metadata={"help": f"Reference policy: one of {REFERENCE_MODES}."})
+    ref_logps_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where precomputed reference log-probs are cached (default OUTPUT_DIR/ref_logps)."}
+    )
+    dataset_num_proc: int | None = None
+    # Trainer defaults that differ for alignment
+    remove_unused_columns: bool = False
+    logging_steps: float = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.score_layout not in LAYOUTS:
+            raise ValueError(f"score_layout must be one of {LAYOUTS}, got {self.score_layout!r}")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+class AlignTrainer(Trainer):
+    """Base class of the alignkit trainers. Subclasses set ``record_kind`` and implement
+    ``group_responses`` and ``compute_batch_loss``."""
+
+    record_kind: str = "preference"
+    uses_reference: bool = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        args: AlignConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        ref_model: PreTrainedModel | None = None,
+        peft_config=None,
+        callbacks=None,
+        **kwargs,
+    ):
+        if isinstance(model, str):
+            from alignkit.modeling import ModelArguments, load_model_and_tokenizer
+
+            model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=model))
+            processing_class = processing_class or tokenizer
+        if processing_class is None:
+            raise ValueError("pass processing_class (the tokenizer) or a model path to load it from")
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+
+        self.reference_mode = self._resolve_reference(args.reference, model, ref_model)
+        if self.reference_mode in ("model", "precomputed") and ref_model is None:
+            # a frozen copy of the starting weights; for "precomputed" it is dropped after the pass
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.reference_mode == "adapter":
+            ref_model = None
+
+        self.tokenizer = processing_class
+        with args.main_process_first(desc="tokenizing"):
+            train_dataset = self.prepare_dataset(train_dataset, args, "train") if train_dataset is not None else None
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self.prepare_dataset(v, args, f"eval/{k}") for k, v in eval_dataset.items()}
+            elif eval_dataset is not None:
+                eval_dataset = self.prepare_dataset(eval_dataset, args, "eval")
+        collator = kwargs.pop("data_collator", None) or GroupCollator(processing_class.pad_token_id, args.score_layout)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        # compute_batch_loss returns a mean over the micro-batch: let Trainer scale by accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None else None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ----------------------------------------------------------------------------------------- data
+
+    def group_responses(self, record: dict) -> list:
+        """The responses a record contributes to its group, in the order the loss expects."""
+        raise NotImplementedError
+
+    def prepare_dataset(self, dataset, args: AlignConfig, name: str):
+        """Validate the records and tokenize each into a response group."""
+        if hasattr(dataset, "column_names") and "prompt_ids" in dataset.column_names:
+            return dataset  # already tokenized
+        source = dataset if isinstance(dataset, str) else f"<{name} dataset>"
+        dataset = load_records(dataset, self.record_kind)
+        keep = [c for c in ("ref_logps",) if c in dataset.column_names]
+
+        def tokenize(record, index):
+            return tokenize_group(
+                self.tokenizer,
+                record["prompt"],
+                self.group_responses(record),
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                source=str(source),
+                row=index + 1,
+            )
+
+        remove = [c for c in dataset.column_names if c not in keep]
+        return dataset.map(
+            tokenize, with_indices=True, remove_columns=remove, num_proc=args.dataset_num_proc,
+            desc=f"Tokenizing {name}",
+        )
+
+    # ------------------------------------------------------------------------------------ reference
+
+    @staticmethod
+    def _resolve_reference(mode: str, model, ref_model) -> str:
+        if mode == "auto":
+            if ref_model is not None:
+                return "model"
+            return "adapter" if _is_peft_model(model) else "model"
+        if mode == "adapter" and not _is_peft_model(model):
+            raise ValueError("reference='adapter' needs a PEFT (LoRA) model; pass peft_config or use_peft")
+        return mode
+
+    def _prepare_ref_model(self, ref_model):
+        if self.is_deepspeed_enabled:
+            return _prepare_deepspeed_reference(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return ref_model.to(self.accelerator.device)
+
+    def reference_logps(self, model, batch: dict) -> torch.Tensor:
+        """log π_ref(y|x) of every response in the batch ([R], no gradient)."""
+        mode = self.reference_mode
+        if mode == "precomputed":
+            if "ref_logps" not in batch:
+                raise RuntimeError("reference='precomputed' but the batch has no ref_logps")
+            return batch["ref_logps"]
+        if mode == "none":
+            raise RuntimeError(f"{type(self).__name__} has reference='none' but asked for reference log-probs")
+        with torch.no_grad():
+            if mode == "adapter":
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    return score_responses(model, batch).logps
+            return score_responses(self.ref_model, batch).logps
+
+    def _fingerprint(self, dataset) -> str:
+        model = self.ref_model if self.ref_model is not None else self.model
+        inner = self.accelerator.unwrap_model(model)
+        params = [p for p in inner.parameters()]
+        digest = [float(params[0].detach().float().norm()), float(params[-1].detach().float().norm())]
+        key = {
+            "model": getattr(inner.config, "_name_or_path", ""),
+            "weights": digest,
+            "data": getattr(dataset, "_fingerprint", None),
+            "rows": len(dataset),
+            "layout": self.args.score_layout,
+            "max_length": self.args.max_length,
+            "max_prompt_length": self.args.max_prompt_length,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+    def precompute_reference_logps(self, dataset, name: str):
+        """Add a ``ref_logps`` column (one value per response) computed with the reference model.
+
+        The values are cached under ``ref_logps_cache_dir`` keyed by model, weights digest, data and
+        tokenization settings, so a resumed or repeated run does not recompute them.
+        """
+        if "ref_logps" in dataset.column_names:
+            return dataset
+        cache_dir = self.args.ref_logps_cache_dir or os.path.join(self.args.output_dir, "ref_logps")
+        path = os.path.join(cache_dir, f"{name}-{self._fingerprint(dataset)}.pt")
+        if os.path.exists(path):
+            values = torch.load(path)
+        else:
+            values = self._compute_reference_logps(dataset, name)
+            if self.accelerator.is_main_process:
+                os.makedirs(cache_dir, exist_ok=True)
+                torch.save(values, path + ".tmp")
+                os.replace(path + ".tmp", path)
+        return dataset.add_column("ref_logps", values)
+
+    def _compute_reference_logps(self, dataset, name: str) -> list[list[float]]:
+        indexed = dataset.add_column("_index", list(range(len(dataset))))
+        collate = self.data_collator
+
+        def collate_with_index(examples):
+            batch = collate(examples)
+            batch["_index"] = torch.tensor([ex["_index"] for ex in examples])
+            return batch
+
+        loader = DataLoader(indexed, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate_with_index)
+        loader = self.accelerator.prepare(loader)
+        model = self.ref_model
+        values: dict[int, list[float]] = {}
+        for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=not self.accelerator.is_main_process):
+            with torch.no_grad():
+                logps = score_responses(model, batch).logps
+            # one row per group: pad responses to the batch's max group size for gathering
+            groups = batch["response_group"]
+            width = int(torch.bincount(groups).max())
+            table = torch.full((batch["_index"].numel(), width), float("nan"), device=logps.device)
+            slot = torch.arange(groups.numel(), device=groups.device) - torch.searchsorted(groups, groups)
+            table[groups, slot] = logps.float()
+            table, index = self.accelerator.gather_for_metrics((table, batch["_index"]))
+            for i, row in zip(index.tolist(), table.tolist()):
+                values[i] = [v for v in row if v == v]  # drop NaN padding
+        return [values[i] for i in range(len(dataset))]
+
+    def _ensure_reference_logps(self):
+        """Before the first dataloader: add ``ref_logps`` to the train and eval sets, then free the
+        reference copy, which precomputed mode no longer needs."""
+        if self.reference_mode != "precomputed" or self.ref_model is None:
+            return
+        if self.train_dataset is not None:
+            self.train_dataset = self.precompute_reference_logps(self.train_dataset, "train")
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                k: self.precompute_reference_logps(v, f"eval-{k}") for k, v in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self.precompute_reference_logps(self.eval_dataset, "eval")
+        self.ref_model = None
+
+    def get_train_dataloader(self):
+        self._ensure_reference_logps()
+        return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        self._ensure_reference_logps()
+        return super().get_eval_dataloader(eval_dataset)
+
+    # ----------------------------------------------------------------------------------------- loss
+
+    def compute_batch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (scalar loss, {metric name: scalar tensor}). Implemented by each method."""
+        raise NotImplementedError
+
+    def score(self, model, batch: dict, **kwargs) -> ResponseScores:
+        """Policy log-probs of the batch's responses (with gradient)."""
+        return score_responses(model, batch, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.compute_batch_loss(model, inputs)
+        mode = "train" if model.training else "eval"
+        if metrics:
+            names = list(metrics)
+            values = torch.stack([metrics[k].detach().float().reshape(()) for k in names])
+            values = self.accelerator.gather_for_metrics(values.unsqueeze(0)).mean(0)
+            for k, v in zip(names, values.tolist()):
+                self._metrics[mode][k].append(v)
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            averaged = {f"eval_{k}": v for k, v in averaged.items()}
+        super().log({**logs, **averaged}, start_time)
+        self._metrics[mode].clear()
+
+
+def _prepare_deepspeed_reference(model, accelerator):
+    """Wrap a frozen reference model for DeepSpeed: ZeRO-3 shards it like the policy, other stages
+    keep a full copy per device (stage 0)."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        config["zero_optimization"] = {"stage": 0}
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
