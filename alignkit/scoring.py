@@ -53,7 +53,7 @@ def block_attention_mask(segment_ids: torch.Tensor, attn_implementation: str, dt
     seq_len = segment_ids.size(1)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=segment_ids.device).tril()
     key, query = segment_ids[:, None, :], segment_ids[:, :, None]
-    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))
     allowed |= torch.eye(seq_len, dtype=torch.bool, device=segment_ids.device) & (query < 0)
     allowed = allowed[:, None]
     if attn_implementation == "sdpa":

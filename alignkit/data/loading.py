@@ -1,126 +1,335 @@
-"""Load and validate records from JSONL, JSON, Parquet, ``datasets`` sources or Python lists.
+"""Load records of one kind from a file, a ``datasets`` object, a Python list or the Hub, validated.
 
 ``load_records(source, kind)`` returns a ``datasets.Dataset`` whose every row passed
-:func:`~alignkit.data.records.validate_record`. JSONL is read by hand, line by line, so that a bad
-byte, bad JSON or bad field is reported with the file name and the line number.
+:func:`~alignkit.data.records.validate_record`. Sources:
+
+* ``.jsonl`` / ``.json``: JSON Lines, one record per line (blank lines skipped); a ``.json`` file may
+  instead hold one top-level list of records. Read by hand, so a bad byte, bad JSON or bad field
+  is reported with the file and the line number (for a top-level list: the item number);
+* ``.parquet``: one record per table row;
+* a directory written by ``Dataset.save_to_disk`` (a ``DatasetDict`` directory: its ``split``);
+* a ``datasets.Dataset`` (or ``DatasetDict``: its ``split``) or a ``list`` of dicts;
+* anything else: a Hub dataset id, loaded with ``datasets.load_dataset(source, name, split=split)``.
+
+For files, ``datasets`` and lists, ``row`` in a :class:`~alignkit.data.records.RecordError` is
+1-based: the line number for JSON Lines, the row index + 1 otherwise.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets.table import InMemoryTable
 
-from alignkit.data.records import RecordError, validate_record
+from alignkit.data.records import RecordError, get_schema, is_conversational, validate_record
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+FILE_SUFFIXES = JSON_SUFFIXES + PARQUET_SUFFIXES
+
+# Columns that hold text or chat messages: arrow needs one of the two per column.
+FORMAT_FIELDS = ("prompt", "chosen", "rejected", "response", "samples")
+
+# "name" or "namespace/name": what a Hub dataset id looks like (anything else is a local path).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+_VALIDATE_BATCH = 1024
+_ARROW_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
 
-def _read_jsonl(path: Path, kind: str) -> list[dict]:
-    source = str(path)
+# ------------------------------------------------------------------------------------ JSON files
+
+
+def _decode_line(raw: bytes, source: str, line_no: int, line_start: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start]
+        raise RecordError(
+            source,
+            line_no,
+            None,
+            f"not valid UTF-8: byte 0x{bad:02x} at byte offset {line_start + e.start} of the file "
+            f"(byte {e.start + 1} of the line); save the file as UTF-8",
+        ) from None
+
+
+def _read_json_lines(data: bytes, source: str, kind: str) -> list[tuple[int, object]]:
+    """``(line number, record)`` for every non-blank line, each validated."""
     rows = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RecordError(source, line_no, None, f"not valid UTF-8 (byte offset {e.start} in the line)") from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise RecordError(source, line_no, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
-            validate_record(record, kind, source=source, row=line_no)
-            rows.append((line_no, record))
-    if not rows:
-        raise RecordError(source, None, None, "no records")
+    offset = 0
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        line_start, offset = offset, offset + len(raw) + 1
+        text = _decode_line(raw, source, line_no, line_start)
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(source, line_no, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        validate_record(record, kind, source=source, row=line_no)
+        rows.append((line_no, record))
     return rows
 
 
-def _read_json(path: Path, kind: str) -> list[tuple[int, dict]]:
-    raw = path.read_bytes()
+def _read_json_list(data: bytes, source: str, kind: str) -> list[tuple[int, object]]:
+    """``(item number, record)`` for a file holding one top-level JSON list, each validated."""
     try:
-        text = raw.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecordError(str(path), None, None, f"not valid UTF-8 (byte offset {e.start})") from None
-    stripped = text.lstrip()
-    if not stripped.startswith("["):
-        return _read_jsonl(path, kind)  # JSON Lines with a .json suffix
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RecordError(
+            source, None, None, f"not valid UTF-8: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line})"
+        ) from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError(str(path), None, None, f"invalid JSON: {e.msg} (line {e.lineno})") from None
-    if not records:
-        raise RecordError(str(path), None, None, "no records")
-    for i, r in enumerate(records, start=1):
-        validate_record(r, kind, source=str(path), row=i)
-    return list(enumerate(records, start=1))
+        raise RecordError(source, None, None, f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    rows = list(enumerate(records, start=1))
+    for row, record in rows:
+        validate_record(record, kind, source=source, row=row)
+    return rows
 
 
-def _validate_dataset(ds: datasets.Dataset, kind: str, source: str) -> datasets.Dataset:
-    if len(ds) == 0:
-        raise RecordError(source, None, None, "no records")
-    for i, r in enumerate(ds, start=1):
-        validate_record(r, kind, source=source, row=i)
-    return ds
+def _read_json_file(path: Path, source: str, kind: str) -> list[tuple[int, object]]:
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    if path.suffix.lower() == ".json" and data.lstrip()[:1] == b"[":
+        rows = _read_json_list(data, source, kind)
+    else:
+        try:
+            rows = _read_json_lines(data, source, kind)
+        except RecordError as error:
+            raise _explain_json_object(data, error) from None
+    if not rows:
+        raise RecordError(source, None, None, "no records (the file is empty)")
+    return rows
 
 
-def _to_dataset(rows: list[tuple[int, dict]], source: str) -> datasets.Dataset:
-    """Arrow needs one type per column: a text prompt in one row and messages in another cannot mix."""
-    first_row, first = rows[0]
-    for row, record in rows[1:]:
-        for name, value in record.items():
-            if name in first and value is not None and first[name] is not None:
-                if isinstance(value, str) != isinstance(first[name], str) and (
-                    isinstance(value, (str, list)) and isinstance(first[name], (str, list))
-                ):
-                    raise RecordError(
-                        source, row, name,
-                        f"is {type(value).__name__} but row {first_row} has {type(first[name]).__name__}: "
-                        "a column must be all text or all chat messages",
-                    )
+def _explain_json_object(data: bytes, error: RecordError) -> RecordError:
+    """A pretty-printed JSON object fails as JSON Lines on its first line: say what the file holds."""
+    if error.row is None or not error.message.startswith("invalid JSON"):
+        return error
     try:
-        return datasets.Dataset.from_list([r for _, r in rows])
-    except (ValueError, TypeError, datasets.arrow_writer.SchemaInferenceError) as e:  # pragma: no cover
-        raise RecordError(source, None, None, f"rows do not share one schema: {e}") from None
-    except Exception as e:  # pyarrow errors: mixed types within a column
-        raise RecordError(source, None, None, f"rows do not share one schema: {e}") from None
+        whole = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return error
+    if isinstance(whole, dict):
+        return RecordError(
+            error.source, None, None,
+            "the file holds one JSON object spread over lines; expected JSON Lines (one record per line) "
+            "or a top-level list of records",
+        )
+    return error
+
+
+# ------------------------------------------------------------------------------------ rows -> Dataset
+
+
+def _shape(value) -> str | None:
+    """A coarse type name, as arrow sees it: which values can share a column."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        if is_conversational(value) and "role" in value[0]:
+            return "chat messages"
+        inner = next((s for s in map(_shape, value) if s is not None), None)
+        return f"list of {inner}" if inner else "empty list"
+    return type(value).__name__
+
+
+def _compatible(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    lists = ("list", "chat messages", "empty list")
+    return "empty list" in (a, b) and a.startswith(lists) and b.startswith(lists)
+
+
+def _mixed_format_error(rows: list[tuple[int, dict]], source: str) -> RecordError | None:
+    """The first row whose text-or-chat field has the other format than the first row that has it."""
+    for field in FORMAT_FIELDS:
+        first_row, first_shape = None, None
+        for row, record in rows:
+            shape = _shape(record.get(field))
+            if shape is None or shape == "empty list":
+                continue
+            if first_shape is None:
+                first_row, first_shape = row, shape
+            elif not _compatible(shape, first_shape):
+                return RecordError(
+                    source, row, field,
+                    f"column mixes formats: row {first_row} holds {first_shape}, this row holds {shape}; "
+                    "a column must be all text or all chat messages",
+                )
+        if field == "samples" and first_shape is not None:
+            for row, record in rows:  # inside one row's list of samples
+                shapes = [_shape(s) for s in record.get(field) or ()]
+                for index, shape in enumerate(shapes):
+                    if shape != shapes[0]:
+                        return RecordError(
+                            source, row, f"{field}[{index}]",
+                            f"samples mix formats: samples[0] holds {shapes[0]}, this one {shape}; "
+                            "all samples must be text or all chat messages",
+                        )
+    return None
+
+
+def _columns(rows: list[tuple[int, dict]]) -> dict[str, list]:
+    """Column lists over the union of the rows' fields (a field a row lacks is ``None`` there)."""
+    names = {}
+    for _, record in rows:
+        for name in record:
+            names.setdefault(name, None)
+    return {name: [record.get(name) for _, record in rows] for name in names}
+
+
+def _first_mismatch(name: str, values: list, row_numbers: list[int], source: str) -> RecordError:
+    """The first row whose ``name`` has a different type than the first row that has the field."""
+    first_row, first_shape = None, None
+    for row, value in zip(row_numbers, values):
+        shape = _shape(value)
+        if shape is None:
+            continue
+        if first_shape is None:
+            first_row, first_shape = row, shape
+        elif not _compatible(shape, first_shape):
+            return RecordError(
+                source, row, name, f"column holds {first_shape} in row {first_row} but {shape} here; a column needs one type"
+            )
+    return RecordError(source, None, name, "the values of this field cannot share one column (one type per column)")
+
+
+def _with_json_columns(columns: dict[str, list], row_numbers: list[int], source: str) -> datasets.Dataset:
+    """Store each column that has no single arrow type (any-JSON fields such as a flip's ``reference``,
+    or an extra field) as JSON: every value JSON-encoded here so it decodes back unchanged."""
+    json_feature = getattr(datasets, "Json", None)  # datasets >= 4.7
+    features = {}
+    for name, values in columns.items():
+        try:
+            features[name] = datasets.Dataset.from_dict({name: values}).features[name]
+        except _ARROW_ERRORS:
+            if json_feature is None:
+                raise _first_mismatch(name, values, row_numbers, source) from None
+            columns[name] = [None if v is None else json.dumps(v) for v in values]
+            features[name] = json_feature()
+    try:
+        return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    except _ARROW_ERRORS as error:
+        raise RecordError(source, None, None, f"the rows cannot form one table: {error}") from None
+
+
+def _rows_to_dataset(rows: list[tuple[int, dict]], source: str) -> datasets.Dataset:
+    """A Dataset of validated records. A text/chat column must hold one format in every row; any
+    other field whose type varies across rows is stored as JSON and reads back unchanged."""
+    columns = _columns(rows)
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except _ARROW_ERRORS:
+        mixed = _mixed_format_error(rows, source)
+        if mixed is not None:
+            raise mixed from None
+    return _with_json_columns(columns, [row for row, _ in rows], source)
+
+
+# ------------------------------------------------------------------------------------ other sources
+
+
+def _validate_dataset(dataset: datasets.Dataset, kind: str, source: str) -> datasets.Dataset:
+    if len(dataset) == 0:
+        raise RecordError(source, None, None, "no records")
+    row = 0
+    for batch in dataset.with_format(None).iter(batch_size=_VALIDATE_BATCH):
+        names = list(batch)
+        for values in zip(*batch.values()):
+            row += 1
+            validate_record(dict(zip(names, values)), kind, source=source, row=row)
+    return dataset
+
+
+def _pick_split(dataset_dict: datasets.DatasetDict, split: str, source: str) -> datasets.Dataset:
+    if split not in dataset_dict:
+        raise RecordError(source, None, None, f"no split {split!r}; available splits: {', '.join(dataset_dict)}")
+    return dataset_dict[split]
+
+
+def _read_parquet(path: Path) -> datasets.Dataset:
+    table = pq.read_table(path)
+    features = datasets.Features.from_arrow_schema(table.schema)
+    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+
+
+def _looks_like_path(source) -> bool:
+    if isinstance(source, os.PathLike):
+        return True
+    text = str(source)
+    return text.lower().endswith(FILE_SUFFIXES) or "\\" in text or not _HUB_ID.match(text)
+
+
+def _load_path(path: Path, source: str, kind: str, split: str) -> datasets.Dataset:
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = _pick_split(loaded, split, source)
+        return _validate_dataset(loaded, kind, source)
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return _rows_to_dataset(_read_json_file(path, source, kind), source)
+    if suffix in PARQUET_SUFFIXES:
+        return _validate_dataset(_read_parquet(path), kind, source)
+    raise ValueError(
+        f"{source}: unsupported file type {suffix or '(no suffix)'!r}; expected one of "
+        f"{', '.join(FILE_SUFFIXES)} or a directory written by Dataset.save_to_disk"
+    )
 
 
 def load_records(source, kind: str, *, split: str = "train", name: str | None = None) -> datasets.Dataset:
-    """Validated records of ``kind`` from a path, a ``datasets.Dataset``, a list of dicts or a hub id."""
+    """Records of ``kind`` from ``source``, every row validated; see the module docstring for sources.
+
+    Raises :class:`~alignkit.data.records.RecordError` naming the source, row and field of the first
+    bad record, ``ValueError`` for an unknown ``kind``, ``FileNotFoundError`` for a missing local path.
+    """
+    get_schema(kind)
     if isinstance(source, datasets.Dataset):
         return _validate_dataset(source, kind, "<datasets.Dataset>")
     if isinstance(source, datasets.DatasetDict):
-        return _validate_dataset(source[split], kind, f"<datasets.DatasetDict[{split}]>")
+        source_name = "<datasets.DatasetDict>"
+        return _validate_dataset(_pick_split(source, split, source_name), kind, source_name)
     if isinstance(source, list):
-        if not source:
+        rows = list(enumerate(source, start=1))
+        if not rows:
             raise RecordError("<list>", None, None, "no records")
-        for i, r in enumerate(source, start=1):
-            validate_record(r, kind, source="<list>", row=i)
-        return _to_dataset(list(enumerate(source, start=1)), "<list>")
+        for row, record in rows:
+            validate_record(record, kind, source="<list>", row=row)
+        return _rows_to_dataset(rows, "<list>")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            "source must be a path, a Hub dataset id, a datasets.Dataset or a list of dicts; "
+            f"got {type(source).__name__}"
+        )
 
-    path = Path(os.fspath(source))
-    text = str(source)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return _to_dataset(_read_jsonl(path, kind), text)
-        if suffix == ".json":
-            return _to_dataset(_read_json(path, kind), text)
-        if suffix == ".parquet":
-            return _validate_dataset(datasets.Dataset.from_parquet(text), kind, text)
-        raise RecordError(text, None, None, f"unsupported file type {suffix!r}; use one of {FILE_SUFFIXES}")
-    if path.is_dir():
-        ds = datasets.load_from_disk(text)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise RecordError(text, None, None, f"no split {split!r}; splits: {sorted(ds)}")
-            ds = ds[split]
-        return _validate_dataset(ds, kind, text)
-    if os.sep in text or text.lower().endswith(FILE_SUFFIXES) or text.startswith("."):
-        raise FileNotFoundError(f"no such data file or directory: {text}")
-    return _validate_dataset(datasets.load_dataset(text, name, split=split), kind, text)
+    source_name = os.fspath(source)
+    path = Path(source_name).expanduser()
+    if path.exists():
+        return _load_path(path, source_name, kind, split)
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"no such data file or directory: {source_name}")
+    dataset = datasets.load_dataset(source_name, name, split=split)
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = _pick_split(dataset, split, source_name)
+    return _validate_dataset(dataset, kind, source_name)

@@ -1,143 +1,295 @@
-"""Record schemas and row validation (DESIGN.md §4).
+"""The record formats alignkit reads, and the check that a record matches one.
 
-A record is a dict. ``prompt`` is a text string or a chat message list
-``[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]``. Response fields are a string
-or an assistant message list and must not be empty. Extra fields are kept untouched.
+A record is one row: a ``dict``. Its ``prompt`` is either text (a ``str``) or a chat message list
+``[{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]``. Its responses
+(``chosen``, ``rejected``, ``response`` and each item of ``samples``) are text or an assistant message
+list ``[{"role": "assistant", "content": str}]``; a response must not be empty after ``.strip()``
+(for a message list: its concatenated content).
 
-=============  =====================================================================
-kind           fields
-=============  =====================================================================
+Kinds (:data:`SCHEMAS`):
+
 ``preference``  ``prompt``, ``chosen``, ``rejected``
-``negatives``   ``prompt``, ``rejected``; optional ``samples`` (K reference responses)
-``sft``         ``prompt``, ``response`` (NPO forget and retain sets)
-``problems``    ``prompt`` and ``answer`` or ``tests``; optional ``solution``
-``flips``       ``id``, ``reference`` and ``old``/``new`` or ``old_score``/``new_score``
-=============  =====================================================================
+``negatives``   ``prompt``, ``rejected``; optional ``samples`` (a list of K responses)
+``sft``         ``prompt``, ``response`` (forget and retain sets)
+``problems``    ``prompt`` and ``answer`` (text or a number) and/or ``tests`` (text or a list of
+                texts); optional ``solution`` (text)
+``flips``       ``id`` (text or an integer), ``reference`` (any JSON value) and either ``old`` and
+                ``new`` (predictions, any JSON value) or ``old_score`` and ``new_score`` (numbers)
 
-Every failure is a :class:`RecordError` naming the source, the row (1-based; the line for JSONL)
-and the field.
+A record may carry any other field (``id``, ``ref_logps``, ...): it is neither checked nor changed.
+A field whose value is ``None`` counts as absent, as in an Arrow table where a row lacks a column.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
-ROLES = ("system", "user", "assistant", "tool")
-RESPONSE_FIELDS = ("chosen", "rejected", "response", "solution")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+RESPONSE_ROLES = ("assistant",)
 
 
 class RecordError(ValueError):
-    """A malformed record: ``source``, ``row`` (1-based), ``field`` and what is wrong."""
+    """A record that does not match its format, located by ``source``, ``row`` and ``field``.
+
+    ``row`` is 1-based (the line number for JSON Lines files) or ``None`` when the problem is not
+    in one row; ``field`` is a field name such as ``rejected``, ``prompt[2].role`` or ``samples[1]``,
+    or ``None``. ``str(error)`` reads ``data/train.jsonl, row 7, field 'rejected': empty response``.
+    """
 
     def __init__(self, source: str, row: int | None, field: str | None, message: str):
-        self.source, self.row, self.field, self.message = source, row, field, message
-        where = [str(source)]
-        if row is not None:
-            where.append(f"row {row}")
-        if field is not None:
-            where.append(f"field {field!r}")
-        super().__init__(f"{', '.join(where)}: {message}")
+        self.source = str(source)
+        self.row = row
+        self.field = field
+        self.message = message
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = [self.source]
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
+        return f"{', '.join(where)}: {self.message}"
+
+    def __str__(self) -> str:
+        return self._render()
+
+    def __reduce__(self):
+        # keep the four attributes across pickling (datasets.map with num_proc, multiprocessing)
+        return (type(self), (self.source, self.row, self.field, self.message))
 
 
 @dataclass(frozen=True)
 class Schema:
+    """The fields of one record kind.
+
+    ``required`` must all be present; ``optional`` are checked when present; ``one_of`` lists
+    alternatives (each a tuple of fields) of which at least one must be present in full.
+    """
+
     name: str
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
-    one_of: tuple[tuple[str, ...], ...] = ()  # at least one alternative must be fully present
+    one_of: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every field this kind knows, in declaration order."""
+        alternatives = tuple(f for group in self.one_of for f in group)
+        return self.required + self.optional + tuple(dict.fromkeys(alternatives))
 
 
 SCHEMAS: dict[str, Schema] = {
-    s.name: s
-    for s in (
-        Schema("preference", ("prompt", "chosen", "rejected")),
-        Schema("negatives", ("prompt", "rejected"), optional=("samples",)),
-        Schema("sft", ("prompt", "response")),
-        Schema("problems", ("prompt",), optional=("solution",), one_of=(("answer",), ("tests",))),
-        Schema("flips", ("id", "reference"), one_of=(("old", "new"), ("old_score", "new_score"))),
+    schema.name: schema
+    for schema in (
+        Schema("preference", required=("prompt", "chosen", "rejected")),
+        Schema("negatives", required=("prompt", "rejected"), optional=("samples",)),
+        Schema("sft", required=("prompt", "response")),
+        Schema("problems", required=("prompt",), optional=("solution",), one_of=(("answer",), ("tests",))),
+        Schema("flips", required=("id", "reference"), one_of=(("old", "new"), ("old_score", "new_score"))),
     )
 }
 
 
+# ------------------------------------------------------------------------------------ text helpers
+
+
 def is_conversational(value) -> bool:
-    """True for a chat message list."""
-    return isinstance(value, list) and (not value or isinstance(value[0], dict))
+    """Whether ``value`` is a chat message list (a non-empty list of dicts) rather than text."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
 def message_text(value) -> str:
-    """The text of a string, or the concatenated contents of a message list."""
+    """The text of a prompt or response: the string itself, or a message list's content concatenated."""
     if isinstance(value, str):
         return value
-    return "".join(m.get("content") or "" for m in value)
+    if isinstance(value, list):
+        return "".join(message["content"] for message in value)
+    raise TypeError(f"expected text or a list of chat messages, got {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------------ field checks
 
 
 def _type_name(value) -> str:
     return type(value).__name__
 
 
-def _check_messages(value: list, field: str, source: str, row: int, assistant_only: bool) -> None:
-    if not value:
-        raise RecordError(source, row, field, "empty message list")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise RecordError(source, row, f"{field}[{i}]", f"expected a message dict, got {_type_name(m)}")
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or role not in ROLES:
-            raise RecordError(source, row, f"{field}[{i}].role", f"expected one of {ROLES}, got {role!r}")
-        if assistant_only and role != "assistant":
-            raise RecordError(source, row, f"{field}[{i}].role", f"a response message must be 'assistant', got {role!r}")
+def _is_number(value) -> bool:
+    if type(value) in (int, float):
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_messages(value: list, roles: tuple[str, ...], source: str, row: int, field: str) -> None:
+    for index, message in enumerate(value):
+        where = f"{field}[{index}]"
+        if not isinstance(message, dict):
+            raise RecordError(source, row, where, f"expected a message dict with 'role' and 'content', got {_type_name(message)}")
+        role = message.get("role")
+        if not isinstance(role, str):
+            problem = "missing 'role'" if role is None else f"expected role to be str, got {_type_name(role)}"
+            raise RecordError(source, row, f"{where}.role", problem)
+        if role not in roles:
+            raise RecordError(source, row, f"{where}.role", f"role {role!r} is not one of {', '.join(roles)}")
+        content = message.get("content")
         if not isinstance(content, str):
-            raise RecordError(source, row, f"{field}[{i}].content", f"expected str, got {_type_name(content)}")
+            problem = "missing 'content'" if content is None else f"expected content to be str, got {_type_name(content)}"
+            raise RecordError(source, row, f"{where}.content", problem)
 
 
-def _check_text_or_messages(value, field: str, source: str, row: int, response: bool) -> None:
+def _check_prompt(value, source: str, row: int, field: str) -> None:
     if isinstance(value, str):
         if not value.strip():
-            raise RecordError(source, row, field, "empty response" if response else "empty prompt")
+            raise RecordError(source, row, field, "empty prompt")
         return
-    if isinstance(value, list):
-        _check_messages(value, field, source, row, assistant_only=response)
-        if not message_text(value).strip():
-            raise RecordError(source, row, field, "empty response" if response else "empty prompt")
-        return
-    raise RecordError(source, row, field, f"expected str or list of messages, got {_type_name(value)}")
+    if not isinstance(value, list):
+        raise RecordError(source, row, field, f"expected str or a list of chat messages, got {_type_name(value)}")
+    if not value:
+        raise RecordError(source, row, field, "empty prompt (no messages)")
+    _check_messages(value, CHAT_ROLES, source, row, field)
+    if not message_text(value).strip():
+        raise RecordError(source, row, field, "empty prompt (every message's content is blank)")
 
 
-def validate_record(record, kind: str, *, source: str, row: int | None) -> None:
-    """Raise :class:`RecordError` if ``record`` is not a valid ``kind`` record."""
-    if kind not in SCHEMAS:
-        raise ValueError(f"unknown record kind {kind!r}; known kinds: {sorted(SCHEMAS)}")
-    schema = SCHEMAS[kind]
+def _check_response(value, source: str, row: int, field: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RecordError(source, row, field, "empty response")
+        return
+    if not isinstance(value, list):
+        raise RecordError(source, row, field, f"expected str or an assistant message list, got {_type_name(value)}")
+    if not value:
+        raise RecordError(source, row, field, "empty response (no messages)")
+    _check_messages(value, RESPONSE_ROLES, source, row, field)
+    if not message_text(value).strip():
+        raise RecordError(source, row, field, "empty response")
+
+
+def _check_samples(value, source: str, row: int, field: str) -> None:
+    if not isinstance(value, list):
+        raise RecordError(source, row, field, f"expected a list of responses, got {_type_name(value)}")
+    if not value:
+        raise RecordError(source, row, field, "empty list of samples (omit the field instead)")
+    for index, sample in enumerate(value):
+        _check_response(sample, source, row, f"{field}[{index}]")
+
+
+def _check_answer(value, source: str, row: int, field: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RecordError(source, row, field, "empty answer")
+    elif not _is_number(value):
+        raise RecordError(source, row, field, f"expected str or a number, got {_type_name(value)}")
+
+
+def _check_tests(value, source: str, row: int, field: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RecordError(source, row, field, "empty tests")
+        return
+    if not isinstance(value, list):
+        raise RecordError(source, row, field, f"expected str or a list of str, got {_type_name(value)}")
+    if not value:
+        raise RecordError(source, row, field, "empty list of tests")
+    for index, test in enumerate(value):
+        if not isinstance(test, str):
+            raise RecordError(source, row, f"{field}[{index}]", f"expected str, got {_type_name(test)}")
+        if not test.strip():
+            raise RecordError(source, row, f"{field}[{index}]", "empty test")
+
+
+def _check_text(value, source: str, row: int, field: str) -> None:
+    if not isinstance(value, str):
+        raise RecordError(source, row, field, f"expected str, got {_type_name(value)}")
+
+
+def _check_id(value, source: str, row: int, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise RecordError(source, row, field, f"expected str or int, got {_type_name(value)}")
+
+
+def _check_score(value, source: str, row: int, field: str) -> None:
+    if not _is_number(value):
+        raise RecordError(source, row, field, f"expected a number, got {_type_name(value)}")
+    if math.isnan(value):
+        raise RecordError(source, row, field, "score is NaN")
+
+
+def _check_any(value, source: str, row: int, field: str) -> None:
+    """Any JSON value (predictions, references)."""
+
+
+_FIELD_CHECKS = {
+    "prompt": _check_prompt,
+    "chosen": _check_response,
+    "rejected": _check_response,
+    "response": _check_response,
+    "samples": _check_samples,
+    "answer": _check_answer,
+    "tests": _check_tests,
+    "solution": _check_text,
+    "id": _check_id,
+    "reference": _check_any,
+    "old": _check_any,
+    "new": _check_any,
+    "old_score": _check_score,
+    "new_score": _check_score,
+}
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def get_schema(kind: str) -> Schema:
+    """The :class:`Schema` of ``kind``; ``ValueError`` naming the known kinds otherwise."""
+    schema = SCHEMAS.get(kind)
+    if schema is None:
+        raise ValueError(f"unknown record kind {kind!r}; known kinds: {', '.join(sorted(SCHEMAS))}")
+    return schema
+
+
+def _describe(group: tuple[str, ...]) -> str:
+    return " and ".join(repr(f) for f in group)
+
+
+def _check_one_of(record: dict, schema: Schema, source: str, row: int) -> None:
+    complete = [group for group in schema.one_of if all(record.get(f) is not None for f in group)]
+    if complete:
+        return
+    choices = " or ".join(_describe(group) for group in schema.one_of)
+    for group in schema.one_of:
+        present = [f for f in group if record.get(f) is not None]
+        if present:  # half an alternative: name the missing half
+            missing = next(f for f in group if record.get(f) is None)
+            raise RecordError(source, row, missing, f"missing field (given {_describe(tuple(present))}); {schema.name} records need {choices}")
+    raise RecordError(source, row, None, f"{schema.name} records need {choices}; found none")
+
+
+def validate_record(record: dict, kind: str, *, source: str, row: int | None) -> None:
+    """Check that ``record`` is a valid ``kind`` record; raise :class:`RecordError` if not.
+
+    Fields outside the schema are ignored. ``source`` and ``row`` only locate the error.
+    """
+    schema = get_schema(kind)
     if not isinstance(record, dict):
-        raise RecordError(source, row, None, f"expected a JSON object, got {_type_name(record)}")
-    for name in schema.required:
-        if name not in record or record[name] is None:
-            raise RecordError(source, row, name, "missing required field")
-    if schema.one_of and not any(all(record.get(f) is not None for f in alt) for alt in schema.one_of):
-        options = " or ".join("+".join(alt) for alt in schema.one_of)
-        raise RecordError(source, row, "/".join(f for alt in schema.one_of for f in alt), f"needs {options}")
-
-    if "prompt" in schema.required:
-        _check_text_or_messages(record["prompt"], "prompt", source, row, response=False)
-    for name in RESPONSE_FIELDS:
-        if name in record and record[name] is not None and (name in schema.required or name in schema.optional):
-            _check_text_or_messages(record[name], name, source, row, response=True)
-    if kind == "negatives" and record.get("samples") is not None:
-        samples = record["samples"]
-        if not isinstance(samples, list) or not samples:
-            raise RecordError(source, row, "samples", f"expected a non-empty list of responses, got {samples!r:.40}")
-        for i, s in enumerate(samples):
-            _check_text_or_messages(s, f"samples[{i}]", source, row, response=True)
-    if kind == "problems":
-        answer, tests = record.get("answer"), record.get("tests")
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise RecordError(source, row, "answer", f"expected str or number, got {_type_name(answer)}")
-        if tests is not None and not (isinstance(tests, str) or (isinstance(tests, list) and all(isinstance(t, str) for t in tests))):
-            raise RecordError(source, row, "tests", f"expected str or list of str, got {_type_name(tests)}")
-    if kind == "flips":
-        if not isinstance(record["id"], (str, int)):
-            raise RecordError(source, row, "id", f"expected str or int, got {_type_name(record['id'])}")
-        for name in ("old_score", "new_score"):
-            v = record.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise RecordError(source, row, name, f"expected a number, got {_type_name(v)}")
+        raise RecordError(source, row, None, f"expected a record (a JSON object / dict), got {_type_name(record)}")
+    for field in schema.required:
+        value = record.get(field)
+        if value is None:
+            problem = "missing required field" if field not in record else "required field is null"
+            raise RecordError(source, row, field, problem)
+        _FIELD_CHECKS[field](value, source, row, field)
+    if schema.one_of:
+        _check_one_of(record, schema, source, row)
+        for group in schema.one_of:
+            for field in group:
+                value = record.get(field)
+                if value is not None:
+                    _FIELD_CHECKS[field](value, source, row, field)
+    for field in schema.optional:
+        value = record.get(field)
+        if value is not None:
+            _FIELD_CHECKS[field](value, source, row, field)

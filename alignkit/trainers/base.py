@@ -324,8 +324,11 @@ class AlignTrainer(Trainer):
         mode = "train" if self.model.training else "eval"
         averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
         if mode == "eval":
-            averaged = {f"eval_{k}": v for k, v in averaged.items()}
-        super().log({**logs, **averaged}, start_time)
+            prefix = next((k[: -len("loss")] for k in logs if k.endswith("_loss")), "eval_")
+            averaged = {f"{prefix}{k}": v for k, v in averaged.items()}
+        # in place: Trainer.evaluate returns this same dict, so the per-term metrics reach its caller
+        logs.update(averaged)
+        super().log(logs, start_time)
         self._metrics[mode].clear()
 
 
