@@ -327,7 +327,10 @@ def test_problems_answer_or_tests(tmp_path):
 
 
 def test_flips_predictions_or_scores(tmp_path):
-    predictions = [{"id": 1, "reference": "4", "old": "5", "new": "4"}, {"id": 2, "reference": "6", "old": "6", "new": "7"}]
+    predictions = [
+        {"id": 1, "reference": "4", "old": "5", "new": "4"},
+        {"id": 2, "reference": "6", "old": "6", "new": "7"},
+    ]
     assert load_records(write_jsonl(tmp_path / "p.jsonl", predictions), "flips").to_list() == predictions
     scores = [{"id": "q1", "reference": {"answer": 4}, "old_score": 0, "new_score": 1.0}]
     assert load_records(write_jsonl(tmp_path / "s.jsonl", scores), "flips")[0]["new_score"] == 1.0
@@ -336,7 +339,8 @@ def test_flips_predictions_or_scores(tmp_path):
     assert (error.row, error.field) == (1, "new")
     error = load_error(tmp_path, [{"id": 1, "reference": "4"}], kind="flips", name="none.jsonl")
     assert (error.row, error.field) == (1, None) and "'old_score' and 'new_score'" in error.message
-    error = load_error(tmp_path, [{"id": 1, "reference": 1, "old_score": "high", "new_score": 1}], kind="flips", name="t.jsonl")
+    bad_score = {"id": 1, "reference": 1, "old_score": "high", "new_score": 1}
+    error = load_error(tmp_path, [bad_score], kind="flips", name="t.jsonl")
     assert (error.field, error.message) == ("old_score", "expected a number, got str")
     error = load_error(tmp_path, [{"id": 1.5, "reference": 1, "old": 1, "new": 1}], kind="flips", name="id.jsonl")
     assert error.field == "id" and "got float" in error.message

@@ -210,7 +210,8 @@ def _first_mismatch(name: str, values: list, row_numbers: list[int], source: str
             first_row, first_shape = row, shape
         elif not _compatible(shape, first_shape):
             return RecordError(
-                source, row, name, f"column holds {first_shape} in row {first_row} but {shape} here; a column needs one type"
+                source, row, name,
+                f"column holds {first_shape} in row {first_row} but {shape} here; a column needs one type",
             )
     return RecordError(source, None, name, "the values of this field cannot share one column (one type per column)")
 

@@ -127,7 +127,8 @@ def _check_messages(value: list, roles: tuple[str, ...], source: str, row: int, 
     for index, message in enumerate(value):
         where = f"{field}[{index}]"
         if not isinstance(message, dict):
-            raise RecordError(source, row, where, f"expected a message dict with 'role' and 'content', got {_type_name(message)}")
+            problem = f"expected a message dict with 'role' and 'content', got {_type_name(message)}"
+            raise RecordError(source, row, where, problem)
         role = message.get("role")
         if not isinstance(role, str):
             problem = "missing 'role'" if role is None else f"expected role to be str, got {_type_name(role)}"
@@ -136,7 +137,9 @@ def _check_messages(value: list, roles: tuple[str, ...], source: str, row: int, 
             raise RecordError(source, row, f"{where}.role", f"role {role!r} is not one of {', '.join(roles)}")
         content = message.get("content")
         if not isinstance(content, str):
-            problem = "missing 'content'" if content is None else f"expected content to be str, got {_type_name(content)}"
+            problem = (
+                "missing 'content'" if content is None else f"expected content to be str, got {_type_name(content)}"
+            )
             raise RecordError(source, row, f"{where}.content", problem)
 
 
@@ -264,7 +267,8 @@ def _check_one_of(record: dict, schema: Schema, source: str, row: int) -> None:
         present = [f for f in group if record.get(f) is not None]
         if present:  # half an alternative: name the missing half
             missing = next(f for f in group if record.get(f) is None)
-            raise RecordError(source, row, missing, f"missing field (given {_describe(tuple(present))}); {schema.name} records need {choices}")
+            problem = f"missing field (given {_describe(tuple(present))}); {schema.name} records need {choices}"
+            raise RecordError(source, row, missing, problem)
     raise RecordError(source, row, None, f"{schema.name} records need {choices}; found none")
 
 

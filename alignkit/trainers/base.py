@@ -109,6 +109,8 @@ class AlignTrainer(Trainer):
         if peft_config is not None:
             from peft import get_peft_model
 
+            if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
+                model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input with LoRA
             model = get_peft_model(model, peft_config)
 
         self.reference_mode = self._resolve_reference(args.reference, model, ref_model)
