@@ -39,7 +39,7 @@ def _tiny_model(argv: list[str]) -> int:
 def _quickstart(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="alignkit quickstart")
     parser.add_argument("--output_dir", default="outputs/quickstart")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200)
     a = parser.parse_args(argv)
     from alignkit.quickstart import run_quickstart
 

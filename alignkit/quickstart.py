@@ -40,7 +40,7 @@ def preference_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 3
     return wins / len(groups)
 
 
-def run_quickstart(output_dir: str = "outputs/quickstart", steps: int = 60, seed: int = 0) -> dict:
+def run_quickstart(output_dir: str = "outputs/quickstart", steps: int = 200, seed: int = 0) -> dict:
     out = Path(output_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"[1/5] tiny model and tokenizer -> {out / 'tiny-model'}")
@@ -53,15 +53,18 @@ def run_quickstart(output_dir: str = "outputs/quickstart", steps: int = 60, seed
     held_out = make_preference_pairs(128, seed=seed + 10_000)
     print(f"      e.g. prompt: {train[0]['prompt']!r}\n           rejected: {train[0]['rejected']!r}")
 
+    seen = train[:128]
     before = preference_accuracy(model, tokenizer, held_out)
-    print(f"[3/5] held-out preference for the correct solution before DPO: {before:.1%}")
+    before_seen = preference_accuracy(model, tokenizer, seen)
+    print(f"[3/5] before DPO, the model prefers the correct solution on {before_seen:.1%} of 128 training pairs "
+          f"and {before:.1%} of 128 held-out pairs")
 
     print(f"[4/5] DPO, {steps} steps")
     config = DPOConfig(
         output_dir=str(out / "dpo"),
         max_steps=steps,
         per_device_train_batch_size=8,
-        learning_rate=3e-3,
+        learning_rate=1e-2,
         beta=0.1,
         logging_steps=10,
         save_steps=max(steps // 2, 1),
@@ -77,10 +80,13 @@ def run_quickstart(output_dir: str = "outputs/quickstart", steps: int = 60, seed
 
     reloaded = AutoModelForCausalLM.from_pretrained(config.output_dir)
     after = preference_accuracy(reloaded, tokenizer, held_out)
-    print(f"[5/5] held-out preference for the correct solution after DPO: {after:.1%} (model reloaded from "
-          f"{config.output_dir})")
-    summary = {"held_out_pairs": len(held_out), "preference_accuracy_before": before,
-               "preference_accuracy_after": after, "steps": steps, "model_dir": config.output_dir}
+    after_seen = preference_accuracy(reloaded, tokenizer, seen)
+    print(f"[5/5] after DPO (model reloaded from {config.output_dir}): {after_seen:.1%} of the training pairs, "
+          f"{after:.1%} of the held-out pairs.\n      A random tiny model has not learnt arithmetic, so DPO alone "
+          "mostly fits the pairs it saw; SFT and on-policy negatives join this quickstart in later releases.")
+    summary = {"steps": steps, "model_dir": config.output_dir,
+               "train_pairs_preference_accuracy": {"before": before_seen, "after": after_seen},
+               "held_out_preference_accuracy": {"before": before, "after": after}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
