@@ -85,19 +85,22 @@ def _public(problem: dict) -> dict:
     return {k: v for k, v in problem.items() if not k.startswith("_")}
 
 
+def _distinct_problems(rng: random.Random, n: int, spec: ArithmeticSpec):
+    """Yield ``n`` problems with distinct prompts, drawn from ``rng``."""
+    seen, draws = set(), 0
+    while len(seen) < n:
+        draws += 1
+        if draws > 50 * n:
+            raise ValueError(f"cannot draw {n} distinct problems from {spec}")
+        p = make_problem(rng, spec)
+        if p["prompt"] not in seen:
+            seen.add(p["prompt"])
+            yield p
+
+
 def make_problems(n: int, seed: int = 0, spec: ArithmeticSpec = ArithmeticSpec()) -> list[dict]:
     """``n`` problem records (``prompt``, ``solution``, ``answer``, ``steps``), distinct prompts."""
-    rng = random.Random(seed)
-    seen, out = set(), []
-    while len(out) < n:
-        p = make_problem(rng, spec)
-        if p["prompt"] in seen:
-            continue
-        seen.add(p["prompt"])
-        out.append(_public(p))
-        if len(seen) > 50 * n:
-            raise ValueError(f"cannot draw {n} distinct problems from {spec}")
-    return out
+    return [_public(p) for p in _distinct_problems(random.Random(seed), n, spec)]
 
 
 def make_preference_pairs(n: int, seed: int = 0, spec: ArithmeticSpec = ArithmeticSpec()) -> list[dict]:
@@ -106,12 +109,8 @@ def make_preference_pairs(n: int, seed: int = 0, spec: ArithmeticSpec = Arithmet
     Each record also carries ``answer`` and ``first_error_step`` (0-based) for analysis.
     """
     rng = random.Random(seed)
-    seen, out = set(), []
-    while len(out) < n:
-        p = make_problem(rng, spec)
-        if p["prompt"] in seen:
-            continue
-        seen.add(p["prompt"])
+    out = []
+    for p in _distinct_problems(rng, n, spec):
         wrong, slip_at = make_wrong_solution(p, rng)
         out.append(
             {
