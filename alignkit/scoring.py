@@ -131,7 +131,3 @@ def score_responses(
         logits=logits if keep_logits else None,
     )
 
-
-@torch.no_grad()
-def score_responses_no_grad(model: torch.nn.Module, batch: dict, **kwargs) -> ResponseScores:
-    return score_responses(model, batch, **kwargs)
