@@ -161,23 +161,33 @@ def _compatible(a: str, b: str) -> bool:
     return "empty list" in (a, b) and a.startswith(lists) and b.startswith(lists)
 
 
+def _shape_conflict(numbered_values, skip: tuple[str, ...] = ()) -> tuple[int, str, int, str] | None:
+    """``(first_row, first_shape, row, shape)`` for the first value whose shape is incompatible with the
+    first value that has a shape (``None`` values and shapes in ``skip`` are passed over), else ``None``."""
+    first_row, first_shape = None, None
+    for row, value in numbered_values:
+        shape = _shape(value)
+        if shape is None or shape in skip:
+            continue
+        if first_shape is None:
+            first_row, first_shape = row, shape
+        elif not _compatible(shape, first_shape):
+            return first_row, first_shape, row, shape
+    return None
+
+
 def _mixed_format_error(rows: list[tuple[int, dict]], source: str) -> RecordError | None:
     """The first row whose text-or-chat field has the other format than the first row that has it."""
     for field in FORMAT_FIELDS:
-        first_row, first_shape = None, None
-        for row, record in rows:
-            shape = _shape(record.get(field))
-            if shape is None or shape == "empty list":
-                continue
-            if first_shape is None:
-                first_row, first_shape = row, shape
-            elif not _compatible(shape, first_shape):
-                return RecordError(
-                    source, row, field,
-                    f"column mixes formats: row {first_row} holds {first_shape}, this row holds {shape}; "
-                    "a column must be all text or all chat messages",
-                )
-        if field == "samples" and first_shape is not None:
+        conflict = _shape_conflict(((row, record.get(field)) for row, record in rows), skip=("empty list",))
+        if conflict is not None:
+            first_row, first_shape, row, shape = conflict
+            return RecordError(
+                source, row, field,
+                f"column mixes formats: row {first_row} holds {first_shape}, this row holds {shape}; "
+                "a column must be all text or all chat messages",
+            )
+        if field == "samples":
             for row, record in rows:  # inside one row's list of samples
                 shapes = [_shape(s) for s in record.get(field) or ()]
                 for index, shape in enumerate(shapes):
@@ -201,18 +211,13 @@ def _columns(rows: list[tuple[int, dict]]) -> dict[str, list]:
 
 def _first_mismatch(name: str, values: list, row_numbers: list[int], source: str) -> RecordError:
     """The first row whose ``name`` has a different type than the first row that has the field."""
-    first_row, first_shape = None, None
-    for row, value in zip(row_numbers, values):
-        shape = _shape(value)
-        if shape is None:
-            continue
-        if first_shape is None:
-            first_row, first_shape = row, shape
-        elif not _compatible(shape, first_shape):
-            return RecordError(
-                source, row, name,
-                f"column holds {first_shape} in row {first_row} but {shape} here; a column needs one type",
-            )
+    conflict = _shape_conflict(zip(row_numbers, values))
+    if conflict is not None:
+        first_row, first_shape, row, shape = conflict
+        return RecordError(
+            source, row, name,
+            f"column holds {first_shape} in row {first_row} but {shape} here; a column needs one type",
+        )
     return RecordError(source, None, name, "the values of this field cannot share one column (one type per column)")
 
 
