@@ -183,8 +183,8 @@ def main():
                       flush=True)
 
     print()
-    header = (f"| mode | prompt:response | TRL tok/s | alignkit padded tok/s | alignkit shared tok/s | "
-              f"speed-up padded | speed-up shared | TRL peak MB | alignkit shared peak MB | memory ratio |")
+    header = ("| mode | prompt:response | TRL tok/s | alignkit padded tok/s | alignkit shared tok/s | "
+              "speed-up padded | speed-up shared | TRL peak MB | alignkit shared peak MB | memory ratio |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     by = {(r["mode"], r["ratio"], r["impl"]): r for r in results}
