@@ -1,0 +1,1 @@
+"""Importing this module registers the built-in verifiers."""
