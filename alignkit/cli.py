@@ -17,8 +17,7 @@ def _train(argv: list[str]) -> int:
         return 2
     from alignkit.recipes import parse_recipe, run_recipe
 
-    method, config, model_args, data_args = parse_recipe(argv[0], argv[1:])
-    run_recipe(method, config, model_args, data_args)
+    run_recipe(*parse_recipe(argv[0], argv[1:]))
     return 0
 
 

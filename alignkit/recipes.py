@@ -9,8 +9,9 @@ A recipe is a flat mapping, as in TRL's recipes::
     output_dir: outputs/dpo_tiny
 
 ``HfArgumentParser`` splits the keys between the method's ``*Config`` (a ``TrainingArguments``),
-:class:`~alignkit.modeling.ModelArguments` and :class:`DataArguments`; command-line ``--key value``
-pairs override the file. Unknown keys are an error that names the recipe and the key.
+:class:`~alignkit.modeling.ModelArguments`, :class:`DataArguments` and
+:class:`~alignkit.rollout.arguments.RolloutArguments` (sampling and verification, for the methods that
+sample); command-line ``--key value`` pairs override the file. Unknown keys are an error that names the recipe and the key.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
 from alignkit.modeling import ModelArguments
+from alignkit.rollout.arguments import RolloutArguments
 
 METHODS = {
     "dpo": ("alignkit.trainers.dpo", "DPOConfig", "DPOTrainer"),
@@ -38,7 +40,10 @@ class DataArguments:
 
     train_data: str = field(
         default="synthetic:arithmetic_pairs",
-        metadata={"help": "JSONL/Parquet path, save_to_disk dir, hub id, or synthetic:arithmetic_pairs."},
+        metadata={
+            "help": "JSONL/Parquet path, save_to_disk dir, hub id, synthetic:arithmetic_pairs or "
+            "synthetic:arithmetic_problems."
+        },
     )
     eval_data: str | None = field(default=None, metadata={"help": "Same forms as train_data."})
     train_split: str = "train"
@@ -59,7 +64,8 @@ def method_classes(method: str):
 
 
 def parse_recipe(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None):
-    """Read a recipe and apply ``--key value`` overrides: ``(method, config, model_args, data_args)``."""
+    """Read a recipe and apply ``--key value`` overrides:
+    ``(method, config, model_args, data_args, rollout_args)``."""
     raw = {}
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -69,14 +75,15 @@ def parse_recipe(path: str | Path | None, overrides: list[str] | None = None, me
     if method is None:
         raise ValueError(f"{path}: the recipe has no 'method' (one of {sorted(METHODS)})")
     config_cls, _ = method_classes(method)
-    parser = HfArgumentParser((config_cls, ModelArguments, DataArguments))
-    known = {f.name for cls in (config_cls, ModelArguments, DataArguments) for f in dataclasses.fields(cls)}
+    classes = (config_cls, ModelArguments, DataArguments, RolloutArguments)
+    parser = HfArgumentParser(classes)
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown recipe keys {unknown} for method {method!r}")
     parser.set_defaults(**raw)
-    config, model_args, data_args = parser.parse_args_into_dataclasses(args=overrides or [])
-    return method, config, model_args, data_args
+    config, model_args, data_args, rollout_args = parser.parse_args_into_dataclasses(args=overrides or [])
+    return method, config, model_args, data_args, rollout_args
 
 
 def load_data(source: str | None, data_args: DataArguments, kind: str, *, train: bool):
@@ -92,7 +99,9 @@ def load_data(source: str | None, data_args: DataArguments, kind: str, *, train:
         seed = data_args.synthetic_seed if train else data_args.synthetic_seed + 10_000
         if name == "arithmetic_pairs":
             return arithmetic.make_preference_pairs(size, seed=seed)
-        raise ValueError(f"unknown synthetic dataset {name!r}; available: arithmetic_pairs")
+        if name == "arithmetic_problems":
+            return arithmetic.make_problems(size, seed=seed)
+        raise ValueError(f"unknown synthetic dataset {name!r}; available: arithmetic_pairs, arithmetic_problems")
     if Path(source).exists():
         return source
     from alignkit.data.loading import load_records
@@ -111,7 +120,44 @@ def resolve_resume(config) -> str | None:
     return value
 
 
-def run_recipe(method, config, model_args, data_args):
+def _records_list(data) -> list[dict]:
+    if isinstance(data, (str, Path)):
+        from alignkit.data.loading import load_records
+
+        data = load_records(str(data), "problems")
+    return data.to_list() if hasattr(data, "to_list") else list(data)
+
+
+def run_onpolicy_recipe(method, config, model_args, data_args, rollout_args):
+    """On-policy rounds (``onpolicy_rounds > 0``): problems in, rounds of rollout/verify/train."""
+    from peft import get_peft_model
+
+    from alignkit.modeling import load_model_and_tokenizer, lora_config
+    from alignkit.onpolicy import run_onpolicy_rounds
+
+    _, trainer_cls = method_classes(method)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    peft_config = lora_config(model_args)
+    if peft_config is not None:  # attach once: the engine and every round's trainer share the adapter
+        model = get_peft_model(model, peft_config)
+    problems = _records_list(load_data(data_args.train_data, data_args, "problems", train=True))
+    trainer, model = run_onpolicy_rounds(
+        trainer_cls=trainer_cls,
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        problems=problems,
+        rollout_args=rollout_args,
+        build_records=lambda rows: trainer_cls.onpolicy_records(config, rows),
+        eval_dataset=load_data(data_args.eval_data, data_args, trainer_cls.record_kind, train=False),
+        resume=str(config.resume_from_checkpoint).lower() not in ("none", "false", ""),
+    )
+    if trainer is not None:
+        trainer.save_model(config.output_dir)
+    return trainer
+
+
+def run_recipe(method, config, model_args, data_args, rollout_args=None):
     """Load the model, build the trainer, train (resuming if asked), save model/adapter and tokenizer."""
     from transformers import set_seed
 
@@ -119,6 +165,8 @@ def run_recipe(method, config, model_args, data_args):
 
     _, trainer_cls = method_classes(method)
     set_seed(config.seed)
+    if getattr(config, "onpolicy_rounds", 0):
+        return run_onpolicy_recipe(method, config, model_args, data_args, rollout_args or RolloutArguments())
     model, tokenizer = load_model_and_tokenizer(model_args)
 
     trainer = trainer_cls(

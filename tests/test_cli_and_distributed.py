@@ -28,7 +28,7 @@ def _run(cmd, tmp_path):
 
 
 def test_recipe_overrides_and_unknown_keys(tmp_path):
-    method, config, model_args, data_args = parse_recipe(RECIPE, ["--beta", "0.3", "--use_peft", "true",
+    method, config, model_args, data_args, rollout_args = parse_recipe(RECIPE, ["--beta", "0.3", "--use_peft", "true",
                                                                   "--learning_rate", "1e-4"])
     assert method == "dpo" and config.beta == 0.3 and config.learning_rate == 1e-4
     assert model_args.use_peft and model_args.model_name_or_path == "tiny:qwen2"

@@ -17,6 +17,18 @@ class DPOConfig(AlignConfig):
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: probability that a label is flipped."})
     sft_weight: float = field(default=0.0, metadata={"help": "Weight of a per-token NLL term on the chosen response."})
     learning_rate: float = 1e-6
+    # on-policy rounds (alignkit.onpolicy): problems records in, pairs sampled from the policy
+    onpolicy_rounds: int = field(
+        default=0, metadata={"help": "0: train on the given pairs. N > 0: N rounds of rollout -> verify -> pairs -> DPO."}
+    )
+    pairs_per_prompt: int = field(default=1, metadata={"help": "On-policy: incorrect responses paired per prompt."})
+    chosen_fallback: str = field(
+        default="solution", metadata={"help": "On-policy: 'solution' (gold as chosen when none is correct) or 'none'."}
+    )
+    onpolicy_reference: str = field(
+        default="initial", metadata={"help": "On-policy reference: 'initial' (starting model) or 'round' (start of each round)."}
+    )
+    prompts_per_round: int | None = field(default=None, metadata={"help": "On-policy: problems per round (rotating); default all."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -24,6 +36,10 @@ class DPOConfig(AlignConfig):
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("label_smoothing must be in [0, 0.5)")
+        if self.onpolicy_reference not in ("initial", "round"):
+            raise ValueError(f"onpolicy_reference must be 'initial' or 'round', got {self.onpolicy_reference!r}")
+        if self.chosen_fallback not in ("solution", "none"):
+            raise ValueError(f"chosen_fallback must be 'solution' or 'none', got {self.chosen_fallback!r}")
 
 
 class DPOTrainer(AlignTrainer):
@@ -37,6 +53,13 @@ class DPOTrainer(AlignTrainer):
 
     record_kind = "preference"
     args: DPOConfig
+
+    @classmethod
+    def onpolicy_records(cls, args: DPOConfig, rows: list[dict]) -> list[dict]:
+        """On-policy rounds: verified rollout rows -> preference pairs (see ``alignkit.negatives``)."""
+        from alignkit.negatives import preference_pairs
+
+        return preference_pairs(rows, pairs_per_prompt=args.pairs_per_prompt, fallback=args.chosen_fallback, seed=args.seed)
 
     def group_responses(self, record):
         return [record["chosen"], record["rejected"]]
