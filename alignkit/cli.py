@@ -1,6 +1,9 @@
 """``alignkit`` command line.
 
     alignkit train RECIPE.yaml [--key value ...]     train with a recipe (also: accelerate launch -m alignkit train ...)
+    alignkit rollout --model M --prompts P.jsonl -n 8 --out R.jsonl    sample n completions per prompt
+    alignkit verify --verifier math --input R.jsonl --out V.jsonl      label completions, print a summary
+    alignkit serve --model M [--enable_lora]         start a vLLM OpenAI-compatible server (GPU)
     alignkit quickstart [--output_dir DIR]           offline end-to-end demo on a tiny model
     alignkit tiny-model PATH [--arch qwen2|llama]    build a tiny offline model + tokenizer
 """
@@ -46,7 +49,143 @@ def _quickstart(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "quickstart": _quickstart, "tiny-model": _tiny_model}
+def _load_prompts(source: str, limit: int | None) -> list[dict]:
+    if source.startswith("synthetic:"):
+        from alignkit.recipes import DataArguments, load_data
+
+        size = limit or 64
+        return list(load_data(source, DataArguments(synthetic_train_size=size), "problems", train=True))
+    from alignkit.negatives import read_prompt_rows
+
+    rows = read_prompt_rows(source)
+    return rows[:limit] if limit else rows
+
+
+def _rollout(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="alignkit rollout", description="Sample n completions per prompt.")
+    parser.add_argument("--model", required=True, help="model path, hub id or tiny:qwen2")
+    parser.add_argument("--adapter", help="a LoRA adapter directory to sample with (hf backend)")
+    parser.add_argument("--prompts", required=True, help="JSONL with a 'prompt' per row, or synthetic:arithmetic_problems")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("-n", type=int, default=8)
+    parser.add_argument("--backend", default="hf", choices=["hf", "vllm", "server"])
+    parser.add_argument("--limit", type=int, help="only the first N prompts")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=32, help="hf: sequences generated together")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--base_url", default="http://localhost:8000", help="server backend URL")
+    parser.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vllm backend")
+    parser.add_argument("--tensor_parallel_size", type=int, default=1, help="vllm backend")
+    parser.add_argument("--no_token_data", action="store_true", help="do not store token ids and log-probs")
+    a = parser.parse_args(argv)
+
+    import time
+
+    from alignkit.modeling import ModelArguments, load_model_and_tokenizer, load_tokenizer, resolve_model_path
+    from alignkit.negatives import sample_rollouts, write_jsonl
+    from alignkit.rollout import make_engine
+    from alignkit.rollout.base import SamplingConfig
+
+    problems = _load_prompts(a.prompts, a.limit)
+    sampling = SamplingConfig(
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens, stop=a.stop, seed=a.seed
+    )
+    if a.backend == "hf":
+        model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=a.model, dtype=a.dtype))
+        if a.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, a.adapter)
+        import torch
+
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        engine = make_engine("hf", model, tokenizer, batch_size=a.batch_size)
+    elif a.backend == "vllm":
+        tokenizer = load_tokenizer(resolve_model_path(a.model))
+        engine = make_engine(
+            "vllm", resolve_model_path(a.model), tokenizer,
+            gpu_memory_utilization=a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size,
+        )
+    else:
+        tokenizer = load_tokenizer(resolve_model_path(a.model))
+        engine = make_engine("server", None, tokenizer, base_url=a.base_url)
+    start = time.perf_counter()
+    rows = sample_rollouts(engine, problems, a.n, sampling, keep_token_data=not a.no_token_data)
+    seconds = time.perf_counter() - start
+    write_jsonl(rows, a.out)
+    tokens = sum(len(c.get("token_ids") or []) for r in rows for c in r["completions"])
+    finished = sum(c["finish_reason"] == "stop" for r in rows for c in r["completions"])
+    total = len(rows) * a.n
+    print(
+        f"{len(rows)} prompts x {a.n} = {total} completions in {seconds:.1f}s"
+        + (f", {tokens} tokens ({tokens / seconds:.0f} tok/s)" if tokens else "")
+        + f"; {finished} stopped, {total - finished} hit max_new_tokens -> {a.out}"
+    )
+    return 0
+
+
+def _verify(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="alignkit verify", description="Label completions with a verifier.")
+    parser.add_argument("--verifier", default="math", help="math, code, match or a registered name")
+    parser.add_argument("--input", required=True, help="rollout JSONL (from alignkit rollout)")
+    parser.add_argument("--out", required=True, help="verified rollout JSONL")
+    parser.add_argument("--num_workers", type=int, help="processes (default: CPU count)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per verification")
+    parser.add_argument("--pairs", help="also write DPO pairs (correct vs incorrect, gold fallback) here")
+    parser.add_argument("--pairs_per_prompt", type=int, default=1)
+    parser.add_argument("--negatives", help="also write negatives-only records (D2O / NPO forget set) here")
+    parser.add_argument("--summary_json", help="also write the summary as JSON here")
+    a = parser.parse_args(argv)
+
+    import json
+    import time
+
+    from alignkit.negatives import RolloutStats, negative_records, preference_pairs, read_rollouts, verify_rollouts, write_jsonl
+    from alignkit.verifiers import get_verifier
+
+    rows = read_rollouts(a.input)
+    verifier = get_verifier(a.verifier, timeout=a.timeout, num_workers=a.num_workers)
+    start = time.perf_counter()
+    rows = verify_rollouts(rows, verifier, num_workers=a.num_workers, source=a.input)
+    stats = RolloutStats.of(rows, seconds=time.perf_counter() - start)
+    write_jsonl(rows, a.out)
+    summary = stats.to_dict()
+    if a.pairs:
+        summary["pairs"] = len(write_rows := preference_pairs(rows, pairs_per_prompt=a.pairs_per_prompt))
+        write_jsonl(write_rows, a.pairs)
+    if a.negatives:
+        summary["negatives"] = len(negs := negative_records(rows))
+        write_jsonl(negs, a.negatives)
+    print(stats.format())
+    for key in ("pairs", "negatives"):
+        if key in summary:
+            print(f"{summary[key]} {key} -> {getattr(a, key)}")
+    if a.summary_json:
+        with open(a.summary_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    from alignkit.rollout.serve import serve_main
+
+    return serve_main(argv)
+
+
+COMMANDS = {
+    "train": _train,
+    "rollout": _rollout,
+    "verify": _verify,
+    "serve": _serve,
+    "quickstart": _quickstart,
+    "tiny-model": _tiny_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    from alignkit.data.records import RecordError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (RecordError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
+        print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from alignkit.data.records import RecordError
+from alignkit.data.records import RecordError, is_conversational
 from alignkit.rollout.base import RolloutEngine, SamplingConfig
 from alignkit.verifiers.base import Verifier
 
@@ -264,8 +264,8 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def read_rollouts(path: str | os.PathLike, *, verified: bool = False) -> list[dict]:
-    """Rollout rows from a JSONL file; a bad line or row raises :class:`RecordError` naming it."""
+def read_prompt_rows(path: str | os.PathLike, prompt_field: str = "prompt") -> list[dict]:
+    """JSONL rows that each carry a prompt (text or chat messages); errors name the line and field."""
     source = str(path)
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -278,9 +278,19 @@ def read_rollouts(path: str | os.PathLike, *, verified: bool = False) -> list[di
                 raise RecordError(source, line_no, None, f"invalid JSON: {e.msg}") from None
             if not isinstance(row, dict):
                 raise RecordError(source, line_no, None, "expected a JSON object")
-            if "prompt" not in row:
-                raise RecordError(source, line_no, "prompt", "missing field")
+            prompt = row.get(prompt_field)
+            if prompt is None:
+                raise RecordError(source, line_no, prompt_field, "missing field")
+            if not (isinstance(prompt, str) and prompt) and not is_conversational(prompt):
+                raise RecordError(source, line_no, prompt_field, "expected non-empty text or a list of chat messages")
             rows.append(row)
+    return rows
+
+
+def read_rollouts(path: str | os.PathLike, *, verified: bool = False) -> list[dict]:
+    """Rollout rows from a JSONL file; a bad line or row raises :class:`RecordError` naming it."""
+    source = str(path)
+    rows = read_prompt_rows(path)
     _check_rollout_rows(rows, source)
     if verified:
         _require_verdicts(rows, source)
