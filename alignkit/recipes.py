@@ -41,8 +41,8 @@ class DataArguments:
     train_data: str = field(
         default="synthetic:arithmetic_pairs",
         metadata={
-            "help": "JSONL/Parquet path, save_to_disk dir, hub id, synthetic:arithmetic_pairs or "
-            "synthetic:arithmetic_problems."
+            "help": "JSONL/Parquet path, save_to_disk dir, hub id, synthetic:arithmetic_pairs, "
+            "synthetic:arithmetic_problems, gsm8k:<path or hub id> (GSM8K format as problems), or champ."
         },
     )
     eval_data: str | None = field(default=None, metadata={"help": "Same forms as train_data."})
@@ -102,6 +102,15 @@ def load_data(source: str | None, data_args: DataArguments, kind: str, *, train:
         if name == "arithmetic_problems":
             return arithmetic.make_problems(size, seed=seed)
         raise ValueError(f"unknown synthetic dataset {name!r}; available: arithmetic_pairs, arithmetic_problems")
+    if source.startswith("gsm8k:"):
+        from alignkit.tasks.gsm8k import load_gsm8k
+
+        split = data_args.train_split if train else data_args.eval_split
+        return load_gsm8k(source[len("gsm8k:") :], split=split, name=data_args.dataset_config or "main")
+    if source == "champ":
+        from alignkit.tasks.champ import load_champ_problems
+
+        return load_champ_problems()
     if Path(source).exists():
         return source
     from alignkit.data.loading import load_records
