@@ -137,6 +137,10 @@ def _verify(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="verified rollout JSONL")
     parser.add_argument("--num_workers", type=int, help="processes (default: CPU count)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per verification")
+    parser.add_argument(
+        "--verifier_option", action="append", default=[], metavar="KEY=VALUE",
+        help="a verifier setting, e.g. mode=regex or rel_tol=1e-3 for match (repeatable; values parsed as JSON when they can be)",
+    )
     parser.add_argument("--pairs", help="also write DPO pairs (correct vs incorrect, gold fallback) here")
     parser.add_argument("--pairs_per_prompt", type=int, default=1)
     parser.add_argument("--negatives", help="also write negatives-only records (D2O / NPO forget set) here")
@@ -150,7 +154,16 @@ def _verify(argv: list[str]) -> int:
     from alignkit.verifiers import get_verifier
 
     rows = read_rollouts(a.input)
-    verifier = get_verifier(a.verifier, timeout=a.timeout, num_workers=a.num_workers)
+    options = {}
+    for item in a.verifier_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--verifier_option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    verifier = get_verifier(a.verifier, timeout=a.timeout, num_workers=a.num_workers, **options)
     start = time.perf_counter()
     rows = verify_rollouts(rows, verifier, num_workers=a.num_workers, source=a.input)
     stats = RolloutStats.of(rows, seconds=time.perf_counter() - start)

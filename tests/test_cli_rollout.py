@@ -54,3 +54,11 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "row 2" in err and "prompt" in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_verifier_options_reach_the_verifier(tmp_path):
+    rows = tmp_path / "r.jsonl"
+    rows.write_text('{"prompt": "Name a colour", "answer": "re+d", "completions": [{"text": "reed"}, {"text": "blue"}]}\n')
+    out = tmp_path / "v.jsonl"
+    assert main(["verify", "--verifier", "match", "--verifier_option", "mode=regex", "--input", str(rows), "--out", str(out)]) == 0
+    assert [c["correct"] for c in read_rollouts(out)[0]["completions"]] == [True, False]
