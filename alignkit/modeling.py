@@ -233,7 +233,9 @@ def make_tiny_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "alignkit_tiny.json").write_text(json.dumps(spec))
-        if path.exists():
+        if stamp.exists() and json.loads(stamp.read_text()) == spec:
+            return str(path)  # another process finished first: keep its copy (others may be reading it)
+        if path.exists():  # a stale model built with other arguments
             shutil.rmtree(path, ignore_errors=True)
         try:
             os.replace(tmp, path)

@@ -92,3 +92,33 @@ def test_lora_rounds_keep_the_base_as_reference(tmp_path):
     assert not (out / "round_0" / "model" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="needs full fine-tuning"):
         _run(tmp_path, "lora-round", 1, "--use_peft", "true", "--onpolicy_reference", "round")
+
+
+def test_two_processes_share_the_sampling_and_train_on_the_same_records(tmp_path):
+    """Each process samples half the prompts; the main process verifies and writes the records."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    args = [a for a in SMALL]
+    args[args.index("last-number")] = "math"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
+         "-m", "alignkit", "train", RECIPE, *args, "--onpolicy_rounds", "2", "--output_dir", str(out),
+         "--per_device_train_batch_size", "2"],
+        env=env, cwd=repo, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = json.loads((out / "onpolicy_state.json").read_text())
+    assert state["rounds_completed"] == 2
+    from alignkit.tasks.arithmetic import make_problems
+
+    expected = [p["prompt"] for p in make_problems(12, seed=0)]
+    for r, start in ((0, 0), (1, 6)):
+        rows = [json.loads(line) for line in (out / f"round_{r}" / "rollouts.jsonl").read_text().splitlines()]
+        assert [row["prompt"] for row in rows] == expected[start : start + 6]  # every prompt once, in order
+        assert all(len(row["completions"]) == 2 for row in rows)
+    assert (out / "model.safetensors").exists()
