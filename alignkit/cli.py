@@ -111,10 +111,12 @@ def _rollout(argv: list[str]) -> int:
         engine = make_engine(
             "vllm", resolve_model_path(a.model), tokenizer,
             gpu_memory_utilization=a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size,
+            dtype=a.dtype,
         )
     else:
         tokenizer = load_tokenizer(resolve_model_path(a.model))
         engine = make_engine("server", None, tokenizer, base_url=a.base_url)
+        engine.wait_until_ready(timeout=60)
     start = time.perf_counter()
     rows = sample_rollouts(engine, problems, a.n, sampling, keep_token_data=not a.no_token_data)
     seconds = time.perf_counter() - start

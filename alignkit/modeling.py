@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -206,8 +207,8 @@ def make_tiny_model(
     """Build a small random causal LM and its tokenizer offline and ``save_pretrained`` them to ``path``.
 
     Deterministic for given arguments. If ``path`` already holds a model built with the same arguments
-    it is reused. The directory is written atomically (build in a temp dir, then rename), so several
-    processes may call this at once. Returns ``str(path)``.
+    it is reused. Builders take a file lock next to ``path`` and write atomically (build in a temp dir,
+    then rename), so several processes may call this at once. Returns ``str(path)``.
     """
     from alignkit.tasks import arithmetic
 
@@ -221,29 +222,35 @@ def make_tiny_model(
         return str(path)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        tokenizer = train_tiny_tokenizer(texts, vocab_size=vocab_size)
-        config = _tiny_config(arch, len(tokenizer), hidden_size, num_layers, tokenizer, max_positions)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "alignkit_tiny.json").write_text(json.dumps(spec))
+    # one builder at a time (several training processes may start together); the others wait, then
+    # find the stamp and reuse the model
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if stamp.exists() and json.loads(stamp.read_text()) == spec:
-            return str(path)  # another process finished first: keep its copy (others may be reading it)
-        if path.exists():  # a stale model built with other arguments
-            shutil.rmtree(path, ignore_errors=True)
+            return str(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            os.replace(tmp, path)
-        except OSError:  # another process won the race with an identical model
-            if not (stamp.exists() and json.loads(stamp.read_text()) == spec):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer = train_tiny_tokenizer(texts, vocab_size=vocab_size)
+            config = _tiny_config(arch, len(tokenizer), hidden_size, num_layers, tokenizer, max_positions)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            # not model.save_pretrained: under torch.distributed it writes weights on rank 0 only, and the
+            # rank holding this lock may be another one
+            import safetensors.torch
+
+            model.config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            safetensors.torch.save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save_pretrained(tmp)
+            (tmp / "alignkit_tiny.json").write_text(json.dumps(spec))
+            if path.exists():  # a stale model built with other arguments
+                shutil.rmtree(path)
+            os.replace(tmp, path)  # atomic: a reader sees no model or a complete one
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
 

@@ -141,6 +141,8 @@ def run_onpolicy_rounds(
     if done:
         logger.info("on-policy: resuming after %d finished round(s)", done)
     engine = rollout_args.engine(model, tokenizer)
+    if saved:  # vLLM engines load the checkpoint from disk: give them the resumed weights
+        engine.sync_weights(model)
     verifier = rollout_args.make_verifier()
     base_seed = rollout_args.rollout_seed if rollout_args.rollout_seed is not None else config.seed
 

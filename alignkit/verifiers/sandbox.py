@@ -72,10 +72,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-__all__ = ["CheckResult", "SandboxResult", "run_sandboxed", "isolation_mode", "LIMIT_KINDS"]
+__all__ = ["LIMIT_KINDS", "CheckResult", "SandboxResult", "isolation_mode", "run_sandboxed"]
 
 LIMIT_KINDS = (
     "cpu_time",
@@ -130,9 +130,10 @@ class SandboxResult:
 #
 # The bootstrap (``python -c``) reads the job from a private descriptor and runs _PRELUDE. Rules for
 # the audit hook (``_audit`` below): it uses no global or builtin names (everything it needs is a
-# closure variable bound to an immutable value or a C function), calls no Python-level helper, and
-# never calls user code (paths are accepted as exact ``str``/``bytes``/``int``, or a plain
-# ``pathlib.PosixPath``), so the program can neither patch what it relies on nor run code inside it.
+# closure variable bound to an immutable value or a C function) and calls no Python-level helper, so
+# the program cannot patch what it relies on. Paths must be exact ``str``/``bytes``/``int``; a
+# path-like object (``pathlib``, or the program's own class, whose ``__fspath__`` could answer
+# differently the second time) is refused for writing, and only ``os.fspath``-ed for reading.
 
 _BOOT = (
     "import sys,marshal,posix\n"
@@ -143,7 +144,7 @@ _BOOT = (
     "    _c.append(_b)\n"
     "posix.close(_f);_j=marshal.loads(b''.join(_c));del _f,_c,_b\n"
     "_g={'__name__':'__alignkit_prelude__','__builtins__':__builtins__}\n"
-    "exec(_j['prelude'],_g);_g['_alignkit_main'](_j)\n"
+    "exec(compile(_j['prelude'],'<alignkit-sandbox>','exec'),_g);_g['_alignkit_main'](_j)\n"
 )
 
 _PRELUDE = r'''
@@ -252,7 +253,7 @@ def _alignkit_main(job):
     try:
         code = compile(source, "main.py", "exec", dont_inherit=True)
     except BaseException as e:
-        sys.__excepthook__(type(e), e, None)
+        sys.__excepthook__(type(e), e.with_traceback(None), None)
         raise SystemExit(1)
     del source, f
 
@@ -260,12 +261,12 @@ def _alignkit_main(job):
     def _make_audit(
         _type=type, _str=str, _bytes=bytes, _int=int, _tuple=tuple, _list=list, _len=len,
         _reversed=reversed, _PermissionError=PermissionError, _ModuleNotFoundError=ModuleNotFoundError,
-        _OSError=OSError, _Exception=Exception, _lstat=posix.lstat, _stat=posix.stat,
+        _OSError=OSError, _Exception=Exception, _lstat=posix.lstat, _statf=posix.stat,
         _readlink=posix.readlink, _getcwd=posix.getcwd, _write=_write, _fspath=posix.fspath,
         _S_ISLNK=_stat.S_ISLNK, _S_ISDIR=_stat.S_ISDIR, report_fd=report_fd, tag=tag,
         root=root, own_pid=own_pid, proc_pid=proc_pid, controlled=controlled,
-        deny_read=tuple(job["deny_read"]), allow_read=tuple(job["allow_read"]) + tuple(sys.path),
-        posix_path_type=job["posix_path_type"],
+        deny_read=tuple(job["deny_read"]), deny_read_strict=tuple(job["deny_read_strict"]),
+        allow_read=tuple(job["allow_read"]) + tuple(sys.path),
     ):
         O_WRITE = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
         O_DIR = getattr(posix, "O_DIRECTORY", 0) | getattr(posix, "O_PATH", 0)
@@ -297,7 +298,7 @@ def _alignkit_main(job):
         processes = frozenset(("os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn",
                                "os.system", "subprocess.Popen", "os.startfile", "webbrowser.open",
                                "pty.spawn", "os.add_dll_directory"))
-        forbidden = frozenset(("cpython.PyInterpreterState_New", "cpython.PyInterpreterState_Clear",
+        forbidden = frozenset(("cpython.PyInterpreterState_New",
                                "sys._current_frames", "sys._current_exceptions", "gc.get_objects",
                                "gc.get_referrers", "gc.get_referents", "sys.settrace",
                                "sys.setprofile", "sys.remote_exec", "cpython.remote_debugger_script",
@@ -352,29 +353,30 @@ def _alignkit_main(job):
                         continue  # an already-open descriptor: it went through this hook
                     if t is _bytes:
                         path = path.decode("utf-8", "surrogateescape")
-                    elif t is posix_path_type and posix_path_type is not None:
-                        path = _fspath(path)
                     elif t is not _str:
-                        kind = "filesystem"
-                        what = event + " with a " + t.__name__ + " path"
-                        break
+                        if write:  # a path-like could answer differently when asked again
+                            kind = "filesystem"
+                            what = event + " through a path-like object (pass a str)"
+                            break
+                        path = _fspath(path)
                     if _type(path) is not _str:
                         kind = "filesystem"
                         break
                     what = event + " " + path
                     if write and path in ok_write:
                         continue
-                    has_dir_fd = _type(dir_fd) is _int and dir_fd >= 0
                     if not path.startswith("/"):
-                        if write and ("/../" in "/" + path + "/"):
-                            kind = "filesystem"  # relative to an unknown directory descriptor
+                        if "/../" in "/" + path + "/":
+                            # '..' from a directory descriptor this hook cannot see: refuse
+                            kind = "filesystem"
                             break
+                        if _type(dir_fd) is _int and dir_fd >= 0:
+                            # only directories inside the sandbox can be opened, and nothing in it
+                            # is a symlink (they cannot be made), so this stays inside
+                            continue
                         try:
                             base = _getcwd()
                         except _OSError:
-                            kind = "filesystem"
-                            break
-                        if has_dir_fd and not base.startswith(root_slash) and base != root:
                             kind = "filesystem"
                             break
                         path = base + "/" + path
@@ -430,14 +432,19 @@ def _alignkit_main(job):
                             what = event + " " + resolved
                             break
                     denied = False
-                    for d in deny_read:
+                    for d in deny_read_strict:
                         if resolved == d or resolved.startswith(d + "/"):
                             denied = True
-                            for a in allow_read:
-                                if a and (resolved == a or resolved.startswith(a + "/")):
-                                    denied = False
-                                    break
                             break
+                    if not denied:
+                        for d in deny_read:
+                            if resolved == d or resolved.startswith(d + "/"):
+                                denied = True
+                                for a in allow_read:
+                                    if a and (resolved == a or resolved.startswith(a + "/")):
+                                        denied = False
+                                        break
+                                break
                     if denied:
                         kind = "filesystem"
                         what = event + " " + resolved
@@ -447,7 +454,7 @@ def _alignkit_main(job):
                         what = event + " directory descriptor " + resolved
                         break
                     try:
-                        if _S_ISDIR(_stat(resolved).st_mode):
+                        if _S_ISDIR(_statf(resolved).st_mode):
                             kind = "filesystem"
                             what = event + " directory descriptor " + resolved
                             break
@@ -508,7 +515,9 @@ def _alignkit_main(job):
         return _audit
 
     sys.addaudithook(_make_audit())
-    del _make_audit
+    has_checks = checks is not None
+    job.clear()  # the bootstrap's module still refers to it: leave the program nothing to read
+    del _make_audit, checks, lim
 
     # ---- 5. run the program, then the checks
     _exec, _type, _str, _len, _BaseException, _SystemExit = exec, type, str, len, BaseException, SystemExit
@@ -519,9 +528,14 @@ def _alignkit_main(job):
         raise
     except _BaseException as e:
         tb = e.__traceback__
-        _excepthook(_type(e), e, tb.tb_next if tb is not None else None)
+        tb = tb.tb_next if tb is not None else None  # drop this frame: show the program's only
+        try:
+            e = e.with_traceback(tb)
+        except _BaseException:
+            pass
+        _excepthook(_type(e), e, tb)
         raise _SystemExit(1)
-    if checks is None:
+    if not has_checks:
         return
 
     threading = _sys.modules.get("threading")
@@ -601,7 +615,7 @@ def isolation_mode(python: str = sys.executable, isolation: str = "auto") -> tup
                 try:
                     probe = subprocess.run(
                         [*prefix, python, "-I", "-S", "-c", "import posix; print(posix.getpid())"],
-                        stdin=subprocess.DEVNULL, capture_output=True, timeout=15, env={"PATH": "/usr/bin:/bin"},
+                        stdin=subprocess.DEVNULL, capture_output=True, timeout=15, check=False, env={"PATH": "/usr/bin:/bin"},
                     )
                 except (OSError, subprocess.SubprocessError):
                     continue
@@ -626,7 +640,7 @@ def _site_dirs(python: str) -> tuple[str, ...]:
         try:
             out = subprocess.run(
                 [python, "-I", "-c", "import site; print('\\n'.join(site.getsitepackages()))"],
-                capture_output=True, timeout=30, text=True,
+                capture_output=True, timeout=30, text=True, check=False,
             )
             dirs = tuple(line for line in out.stdout.splitlines() if line)
         except (OSError, subprocess.SubprocessError):
@@ -663,14 +677,15 @@ def _user_task_count() -> int:
     return count
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # .../alignkit
+
+
 def _deny_read_paths() -> list[str]:
-    out = []
+    """The parent's home directory (readable where the interpreter itself lives there)."""
     home = os.path.expanduser("~")
     if home and home != "/" and os.path.isdir(home):
-        out.append(os.path.realpath(home))
-    package_dir = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # .../alignkit
-    out.append(package_dir)
-    return out
+        return [os.path.realpath(home)]
+    return []
 
 
 def _allow_read_paths(python: str) -> list[str]:
@@ -752,13 +767,6 @@ def run_sandboxed(
         with open(os.path.join(cwd, "main.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(source)
 
-        try:
-            import pathlib
-
-            posix_path_type = "PosixPath"
-            del pathlib
-        except ImportError:  # pragma: no cover
-            posix_path_type = None
         job = {
             "prelude": _PRELUDE,
             "root": root,
@@ -768,8 +776,8 @@ def run_sandboxed(
             "main_name": main_name,
             "site": list(_site_dirs(python)),
             "deny_read": _deny_read_paths(),
+            "deny_read_strict": [_PACKAGE_DIR],
             "allow_read": _allow_read_paths(python),
-            "posix_path_type": None,
             "limits": {
                 "cpu": cpu,
                 "as": int(memory_mb) * 1024 * 1024,
@@ -778,7 +786,6 @@ def run_sandboxed(
                 "nproc": nproc,
             },
         }
-        job["posix_path_type"] = posix_path_type  # resolved to the class inside the child, below
 
         nonce_r, nonce_w = os.pipe()
         pipes += [nonce_r, nonce_w]
@@ -809,11 +816,7 @@ def run_sandboxed(
                 "MKL_NUM_THREADS": "1",
                 "NUMEXPR_NUM_THREADS": "1",
             }
-            boot = _BOOT.replace(
-                "exec(_j['prelude'],_g)",
-                "import pathlib as _pl;_j['posix_path_type']=_pl.PosixPath;del _pl\nexec(_j['prelude'],_g)",
-            ) if posix_path_type else _BOOT
-            cmd = [*prefix, python, "-I", "-S", "-B", "-c", boot, str(job_file.fileno())]
+            cmd = [*prefix, python, "-I", "-S", "-B", "-c", _BOOT, str(job_file.fileno())]
             proc = subprocess.Popen(
                 cmd,
                 stdin=stdin_file,
@@ -963,11 +966,11 @@ def _classify(killed_for, blocked_kinds, cpu_flag, returncode, cpu_used, cpu_lim
     m = _BLOCKED_RE.search(tail)
     if m and m.group(1) in LIMIT_KINDS:
         return m.group(1)
-    if re.search(r"^MemoryError\b", tail, re.M):
+    if re.search(r"^[\w.]*MemoryError\b", tail, re.M):  # numpy's _ArrayMemoryError too
         return "memory"
     if "[Errno 27] File too large" in tail:
         return "file_size"
-    if checks is not None and any(c.error_type == "MemoryError" for c in checks):
+    if checks is not None and any((c.error_type or "").endswith("MemoryError") for c in checks):
         return "memory"
     return None
 
