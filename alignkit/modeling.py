@@ -243,7 +243,12 @@ def make_tiny_model(
 
             model.config.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
-            safetensors.torch.save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            weights, seen = {}, set()
+            for name, tensor in model.state_dict().items():  # tied weights: keep the first name, as HF does
+                if tensor.data_ptr() not in seen:
+                    seen.add(tensor.data_ptr())
+                    weights[name] = tensor.contiguous()
+            safetensors.torch.save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tokenizer.save_pretrained(tmp)
             (tmp / "alignkit_tiny.json").write_text(json.dumps(spec))
             if path.exists():  # a stale model built with other arguments
