@@ -208,7 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import logging
+
     from alignkit.data.records import RecordError
+
+    # alignkit's own progress messages (round statistics, cache hits) on stderr; libraries keep theirs
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[alignkit] %(message)s"))
+    root = logging.getLogger("alignkit")
+    if not root.handlers:
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
 
     try:
         return COMMANDS[argv[0]](argv[1:])
