@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from alignkit.negatives import RolloutStats, read_rollouts, sample_rollouts, verify_rollouts, write_jsonl
+from alignkit.negatives import RolloutStats, sample_rollouts, verify_rollouts, write_jsonl
 
 logger = logging.getLogger(__name__)
 

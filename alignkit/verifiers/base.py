@@ -107,16 +107,19 @@ class Verifier:
         except Exception as e:  # a verifier bug must not lose the batch
             return Verdict(False, 0.0, f"error: {type(e).__name__}: {e}")
 
-    def verify_batch(
-        self, problems: Sequence[Mapping], completions: Sequence, *, num_workers: int | None = None
-    ) -> list[Verdict]:
-        """One verdict per (problem, completion) pair, in order, computed in parallel processes."""
+    def _batch_texts(self, problems, completions, num_workers: int | None) -> tuple[list[str], int]:
+        """The completions' texts, and the workers asked for (argument, then constructor, then CPU count)."""
         if len(problems) != len(completions):
             raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
         texts = [completion_text(c) for c in completions]
         workers = num_workers if num_workers is not None else self.num_workers
-        if workers is None:
-            workers = os.cpu_count() or 1
+        return texts, int(workers if workers is not None else (os.cpu_count() or 1))
+
+    def verify_batch(
+        self, problems: Sequence[Mapping], completions: Sequence, *, num_workers: int | None = None
+    ) -> list[Verdict]:
+        """One verdict per (problem, completion) pair, in order, computed in parallel processes."""
+        texts, workers = self._batch_texts(problems, completions, num_workers)
         workers = min(workers, max(1, len(texts) // 64))  # small batches are not worth a process pool
         if workers > 1 and not _picklable(self):
             logger.warning(

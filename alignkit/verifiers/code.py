@@ -22,7 +22,6 @@ as ``__main__``. Set ``skip_main_guard=False`` for plain concatenation semantics
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -217,13 +216,8 @@ class CodeVerifier(Verifier):
     ) -> list[Verdict]:
         """One verdict per (problem, completion) pair, in order; ``num_workers`` programs at a time
         (threads: each program is a sandboxed subprocess already)."""
-        if len(problems) != len(completions):
-            raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
-        texts = [completion_text(c) for c in completions]
-        workers = num_workers if num_workers is not None else self.num_workers
-        if workers is None:
-            workers = os.cpu_count() or 1
-        workers = max(1, min(int(workers), len(texts)))
+        texts, workers = self._batch_texts(problems, completions, num_workers)
+        workers = max(1, min(workers, len(texts)))
         if workers <= 1:
             return [self.safe_verify(p, t) for p, t in zip(problems, texts)]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code-verifier") as pool:
