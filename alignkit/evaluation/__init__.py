@@ -1,0 +1,1 @@
+"""Evaluation: unlearning metrics (:mod:`.unlearning`); negative-flip metrics join here."""
