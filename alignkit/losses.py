@@ -65,3 +65,108 @@ def dpo_loss(
 def nll_loss(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood of each sequence: −log π(y|x) / |y| (the SFT term)."""
     return -logps / lengths.clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unlearning: NPO family and gradient ascent (forget set), NLL and KL terms (retain set)
+
+# loss_type -> (forget term, retain term)
+UNLEARNING_LOSS_TYPES: dict[str, tuple[str, str | None]] = {
+    "npo": ("npo", None),
+    "npo_rt": ("npo", "nll"),
+    "npo_kl": ("npo", "kl"),
+    "simnpo": ("simnpo", None),
+    "simnpo_rt": ("simnpo", "nll"),
+    "ga": ("ga", None),
+    "ga_rt": ("ga", "nll"),
+    "ga_kl": ("ga", "kl"),
+}
+
+
+def npo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+    """Negative Preference Optimization (Zhang et al. 2024, arXiv:2404.05868), per forget example:
+
+        L_NPO = −(2/β)·log σ(−β·r(y)),   r(y) = log πθ(y|x) − log π_ref(y|x)
+
+    with sequence-summed log-probs. Its gradient is 2·σ(β·r)·∇log πθ(y|x): gradient ascent on the
+    forget response weighted by 2·σ(β·r) ∈ (0, 2), which starts at 1 (πθ = π_ref) and shrinks as the
+    policy moves below the reference, so the loss is bounded below by 0 and does not diverge like GA.
+    As β → 0 the weight tends to 1 and the gradient to GA's (:func:`gradient_ascent_loss`).
+    """
+    return -(2.0 / beta) * F.logsigmoid(-beta * (policy_logps - ref_logps))
+
+
+def simnpo_loss(policy_logps: torch.Tensor, lengths: torch.Tensor, *, beta: float = 4.5,
+                gamma: float = 0.0) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024, "Simplicity Prevails", arXiv:2410.07163), reference-free, per example:
+
+        L_SimNPO = −(2/β)·log σ(−(β/|y|)·log πθ(y|x) − γ)
+
+    with the paper's sign convention: γ >= 0 is a reward margin that makes forgetting stricter (γ = 0
+    in the paper's TOFU runs). The authors' code and open-unlearning write the margin inside the β
+    scaling, −(2/β)·log σ(β·(−log πθ/|y| − δ)), which is this loss with γ = β·δ.
+    """
+    mean_logps = policy_logps / lengths.clamp(min=1)
+    return -(2.0 / beta) * F.logsigmoid(-beta * mean_logps - gamma)
+
+
+def gradient_ascent_loss(policy_logps: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent on the forget set (the NPO paper's GA baseline), per example: L_GA = log πθ(y|x).
+
+    Minimising it *raises* the negative log-likelihood of the forget response, without bound.
+    Sequence-summed, as in the NPO paper's definition (so NPO's gradient tends to exactly this one as
+    β → 0); TOFU-style implementations use the per-token mean, −NLL/|y| (pass ``policy_logps / lengths``).
+    """
+    return policy_logps
+
+
+def token_kl_divergence(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(π_ref ‖ πθ) of the next-token distributions at each scored position ([N, V] logits -> [N]):
+
+        KL_t = Σ_v π_ref(v | x, y_<t)·(log π_ref(v | x, y_<t) − log πθ(v | x, y_<t))
+
+    the retain-set regulariser of NPO+KL (Zhang et al. 2024) and of TOFU's KL baseline, averaged over
+    tokens by the caller. Zero exactly when the two distributions agree.
+    """
+    ref_logprobs = F.log_softmax(ref_logits.float(), dim=-1)
+    policy_logprobs = F.log_softmax(policy_logits.float(), dim=-1)
+    return (ref_logprobs.exp() * (ref_logprobs - policy_logprobs)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# D²O: negatives only, reference samples as the positive distribution
+
+
+class D2OLoss(NamedTuple):
+    losses: torch.Tensor  # [B]
+    positive_terms: torch.Tensor  # [B] (β/K)·Σ_i r(y_i), detached
+    negative_terms: torch.Tensor  # [B] α·r(y_l), detached
+
+
+def d2o_loss(
+    policy_sample_logps: torch.Tensor,
+    ref_sample_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.1,
+) -> D2OLoss:
+    """Distributional Dispreference Optimization (Duan et al. 2024, "Negating Negatives", arXiv:2403.03419,
+    Eq. 3), per prompt x with K responses y_1..y_K sampled from the reference and a labelled negative y_l:
+
+        L_D2O = −log σ( (β/K)·Σ_i r(y_i) − α·r(y_l) ),   r(y) = log πθ(y|x) − log π_ref(y|x)
+
+    with sequence-summed log-probs (no length normalisation) and the sum over samples divided by K once.
+    Shapes: ``*_sample_logps`` [B, K], ``*_rejected_logps`` [B]. With K = 1 and α = β it is DPO's sigmoid
+    loss with the sample as the chosen response (:func:`dpo_loss`). α = β = 0.1 and K = 11 in the paper.
+    """
+    if policy_sample_logps.dim() != 2 or policy_sample_logps.shape != ref_sample_logps.shape:
+        raise ValueError(
+            f"sample log-probs must both be [B, K], got {tuple(policy_sample_logps.shape)} and {tuple(ref_sample_logps.shape)}"
+        )
+    num_samples = policy_sample_logps.size(1)
+    positive = (beta / num_samples) * (policy_sample_logps - ref_sample_logps).sum(dim=1)
+    negative = alpha * (policy_rejected_logps - ref_rejected_logps)
+    losses = -F.logsigmoid(positive - negative)
+    return D2OLoss(losses, positive.detach(), negative.detach())

@@ -30,6 +30,8 @@ from alignkit.rollout.arguments import RolloutArguments
 
 METHODS = {
     "dpo": ("alignkit.trainers.dpo", "DPOConfig", "DPOTrainer"),
+    "npo": ("alignkit.trainers.npo", "NPOConfig", "NPOTrainer"),
+    "d2o": ("alignkit.trainers.d2o", "D2OConfig", "D2OTrainer"),
 }
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -42,10 +44,19 @@ class DataArguments:
         default="synthetic:arithmetic_pairs",
         metadata={
             "help": "JSONL/Parquet path, save_to_disk dir, hub id, synthetic:arithmetic_pairs, "
-            "synthetic:arithmetic_problems, gsm8k:<path or hub id> (GSM8K format as problems), or champ."
+            "synthetic:arithmetic_problems, gsm8k:<path or hub id> (GSM8K format as problems), champ, "
+            "synthetic:tofu_forgetNN / synthetic:tofu_retainMM (alignkit.tasks.synthetic_tofu) or "
+            "tofu:<split> (TOFU-format data from tofu_data, e.g. tofu:forget10)."
         },
     )
     eval_data: str | None = field(default=None, metadata={"help": "Same forms as train_data."})
+    retain_data: str | None = field(
+        default=None, metadata={"help": "Unlearning (npo): the retain set, same forms as train_data (the forget set)."}
+    )
+    tofu_data: str = field(
+        default="locuslab/TOFU",
+        metadata={"help": "Where tofu:<split> sources read from: a hub id or a directory of <split>.json(l) files."},
+    )
     train_split: str = "train"
     eval_split: str = "test"
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -101,7 +112,24 @@ def load_data(source: str | None, data_args: DataArguments, kind: str, *, train:
             return arithmetic.make_preference_pairs(size, seed=seed)
         if name == "arithmetic_problems":
             return arithmetic.make_problems(size, seed=seed)
-        raise ValueError(f"unknown synthetic dataset {name!r}; available: arithmetic_pairs, arithmetic_problems")
+        if name == "negative_class":  # negatives records: training prompts to train, held-out prompts to eval
+            from alignkit.tasks import negative_class
+
+            spec = negative_class.NegativeClassSpec(seed=data_args.synthetic_seed)
+            return negative_class.negative_records(spec, split="train" if train else "heldout")
+        if name.startswith("tofu_"):  # one synthetic world per seed: train and eval splits share it
+            from alignkit.tasks import synthetic_tofu
+
+            spec = synthetic_tofu.SyntheticTofuSpec(seed=data_args.synthetic_seed)
+            return synthetic_tofu.records(name[len("tofu_") :], spec)
+        raise ValueError(
+            f"unknown synthetic dataset {name!r}; available: arithmetic_pairs, arithmetic_problems, "
+            "tofu_forgetNN, tofu_retainMM"
+        )
+    if source.startswith("tofu:"):
+        from alignkit.tasks.tofu import load_tofu_records
+
+        return load_tofu_records(data_args.tofu_data, source[len("tofu:") :])
     if source.startswith("gsm8k:"):
         from alignkit.tasks.gsm8k import load_gsm8k
 
@@ -176,6 +204,13 @@ def run_recipe(method, config, model_args, data_args, rollout_args=None):
     set_seed(config.seed)
     if getattr(config, "onpolicy_rounds", 0):
         return run_onpolicy_recipe(method, config, model_args, data_args, rollout_args or RolloutArguments())
+    extra = {}
+    if data_args.retain_data is not None:
+        if not getattr(trainer_cls, "uses_retain_data", False):
+            raise ValueError(f"retain_data is for unlearning methods (npo); method {method!r} does not use it")
+        extra["retain_dataset"] = load_data(data_args.retain_data, data_args, trainer_cls.record_kind, train=True)
+    if getattr(trainer_cls, "uses_rollout_args", False):  # methods that sample (D2O reference samples)
+        extra["rollout_args"] = rollout_args or RolloutArguments()
     model, tokenizer = load_model_and_tokenizer(model_args)
 
     trainer = trainer_cls(
@@ -185,6 +220,7 @@ def run_recipe(method, config, model_args, data_args, rollout_args=None):
         eval_dataset=load_data(data_args.eval_data, data_args, trainer_cls.record_kind, train=False),
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
+        **extra,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(config))
     trainer.save_model(config.output_dir)

@@ -1,6 +1,8 @@
 """Trainers: one module per method, each a ``*Config`` + ``*Trainer`` pair on :mod:`.base`."""
 
 from alignkit.trainers.base import AlignConfig, AlignTrainer
+from alignkit.trainers.d2o import D2OConfig, D2OTrainer
 from alignkit.trainers.dpo import DPOConfig, DPOTrainer
+from alignkit.trainers.npo import NPOConfig, NPOTrainer
 
-__all__ = ["AlignConfig", "AlignTrainer", "DPOConfig", "DPOTrainer"]
+__all__ = ["AlignConfig", "AlignTrainer", "D2OConfig", "D2OTrainer", "DPOConfig", "DPOTrainer", "NPOConfig", "NPOTrainer"]

@@ -113,7 +113,11 @@ class AlignTrainer(Trainer):
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input with LoRA
             model = get_peft_model(model, peft_config)
 
-        self.reference_mode = self._resolve_reference(args.reference, model, ref_model)
+        # a method without a reference term (uses_reference False) gets none: no frozen copy, no pass
+        if self.uses_reference:
+            self.reference_mode = self._resolve_reference(args.reference, model, ref_model)
+        else:
+            self.reference_mode = "none"
         if self.reference_mode in ("model", "precomputed") and ref_model is None:
             # a frozen copy of the starting weights; for "precomputed" it is dropped after the pass
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -196,18 +200,25 @@ class AlignTrainer(Trainer):
 
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
         """log π_ref(y|x) of every response in the batch ([R], no gradient)."""
-        mode = self.reference_mode
-        if mode == "precomputed":
+        if self.reference_mode == "precomputed":
             if "ref_logps" not in batch:
                 raise RuntimeError("reference='precomputed' but the batch has no ref_logps")
             return batch["ref_logps"]
-        if mode == "none":
-            raise RuntimeError(f"{type(self).__name__} has reference='none' but asked for reference log-probs")
+        return self.reference_scores(model, batch).logps
+
+    def reference_scores(self, model, batch: dict, **score_kwargs) -> ResponseScores:
+        """The live reference's :class:`ResponseScores` of the batch (no gradient): the policy with its
+        adapter disabled, or the frozen reference model. ``score_kwargs`` go to ``score_responses``
+        (``keep_logits=True`` for KL terms). Precomputed mode has only sequence log-probs: use
+        :meth:`reference_logps`."""
+        mode = self.reference_mode
+        if mode in ("none", "precomputed"):
+            raise RuntimeError(f"{type(self).__name__} has reference={mode!r} but asked for a live reference pass")
         with torch.no_grad():
             if mode == "adapter":
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    return score_responses(model, batch).logps
-            return score_responses(self.ref_model, batch).logps
+                    return score_responses(model, batch, **score_kwargs)
+            return score_responses(self.ref_model, batch, **score_kwargs)
 
     def _fingerprint(self, dataset) -> str:
         model = self.ref_model if self.ref_model is not None else self.model
@@ -247,7 +258,7 @@ class AlignTrainer(Trainer):
 
     def _compute_reference_logps(self, dataset, name: str) -> list[list[float]]:
         indexed = dataset.add_column("_index", list(range(len(dataset))))
-        collate = self.data_collator
+        collate = self.reference_collator()
 
         def collate_with_index(examples):
             batch = collate(examples)
@@ -271,6 +282,11 @@ class AlignTrainer(Trainer):
             for i, row in zip(index.tolist(), table.tolist()):
                 values[i] = [v for v in row if v == v]  # drop NaN padding
         return [values[i] for i in range(len(dataset))]
+
+    def reference_collator(self):
+        """The collator of the reference pass over one tokenized group dataset (the training collator
+        unless a method batches several datasets together)."""
+        return self.data_collator
 
     def _ensure_reference_logps(self):
         """Before the first dataloader: add ``ref_logps`` to the train and eval sets, then free the
