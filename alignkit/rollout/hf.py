@@ -101,12 +101,11 @@ class HFEngine:
             eos_token_id=_eos_ids(model, self.tokenizer),
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
-            top_k=0,
         )
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
-        else:
-            kwargs.update(temperature=None, top_p=None)
+        else:  # greedy: no sampling knobs at all (a checkpoint's defaults would only raise warnings)
+            kwargs.update(temperature=None, top_p=None, top_k=None)
         if sampling.stop:
             kwargs["stop_strings"] = list(sampling.stop)
         return GenerationConfig(**kwargs)
