@@ -153,10 +153,15 @@ class FakeVLLM:
         return Handler
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # a client that timed out on purpose: not news
+        pass
+
+
 @pytest.fixture
 def fake(tokenizer):
     state = FakeVLLM(tokenizer)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), state.handler)
+    server = QuietServer(("127.0.0.1", 0), state.handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
