@@ -25,12 +25,7 @@ K = 3
 ROLLOUT = dict(rollout_max_new_tokens=6, rollout_batch_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class CountingEngine:

@@ -21,13 +21,7 @@ from alignkit.tasks import synthetic_tofu as st
 from alignkit.trainers import NPOConfig, NPOTrainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not oversubscribe a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

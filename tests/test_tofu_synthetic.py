@@ -15,13 +15,7 @@ from alignkit.tasks import synthetic_tofu as st
 from alignkit.tasks.tofu import load_tofu_eval_items, load_tofu_records
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not oversubscribe a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_world_is_deterministic_and_tofu_shaped():
