@@ -266,24 +266,19 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
 
 def read_prompt_rows(path: str | os.PathLike, prompt_field: str = "prompt") -> list[dict]:
     """JSONL rows that each carry a prompt (text or chat messages); errors name the line and field."""
+    from alignkit.data.loading import read_json_lines
+
     source = str(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(source, line_no, None, f"invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise RecordError(source, line_no, None, "expected a JSON object")
-            prompt = row.get(prompt_field)
-            if prompt is None:
-                raise RecordError(source, line_no, prompt_field, "missing field")
-            if not (isinstance(prompt, str) and prompt) and not is_conversational(prompt):
-                raise RecordError(source, line_no, prompt_field, "expected non-empty text or a list of chat messages")
-            rows.append(row)
+    for line_no, row in read_json_lines(path):
+        if not isinstance(row, dict):
+            raise RecordError(source, line_no, None, "expected a JSON object")
+        prompt = row.get(prompt_field)
+        if prompt is None:
+            raise RecordError(source, line_no, prompt_field, "missing field")
+        if not (isinstance(prompt, str) and prompt) and not is_conversational(prompt):
+            raise RecordError(source, line_no, prompt_field, "expected non-empty text or a list of chat messages")
+        rows.append(row)
     return rows
 
 

@@ -61,8 +61,14 @@ def _decode_line(raw: bytes, source: str, line_no: int, line_start: int) -> str:
         ) from None
 
 
-def _read_json_lines(data: bytes, source: str, kind: str) -> list[tuple[int, object]]:
-    """``(line number, record)`` for every non-blank line, each validated."""
+def read_json_lines(path, kind: str | None = None) -> list[tuple[int, object]]:
+    """``(line number, record)`` for every non-blank line of a JSON Lines file; a bad line raises
+    :class:`RecordError` naming the file and line. ``kind`` also validates each record's fields."""
+    return _read_json_lines(Path(path).read_bytes(), str(path), kind)
+
+
+def _read_json_lines(data: bytes, source: str, kind: str | None) -> list[tuple[int, object]]:
+    """``(line number, record)`` for every non-blank line, each validated (when ``kind`` is given)."""
     rows = []
     offset = 0
     for line_no, raw in enumerate(data.split(b"\n"), start=1):
@@ -74,7 +80,8 @@ def _read_json_lines(data: bytes, source: str, kind: str) -> list[tuple[int, obj
             record = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecordError(source, line_no, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
-        validate_record(record, kind, source=source, row=line_no)
+        if kind is not None:
+            validate_record(record, kind, source=source, row=line_no)
         rows.append((line_no, record))
     return rows
 
