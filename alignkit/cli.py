@@ -21,7 +21,18 @@ def _train(argv: list[str]) -> int:
     from alignkit.recipes import parse_recipe, run_recipe
 
     run_recipe(*parse_recipe(argv[0], argv[1:]))
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under ``accelerate launch``: wait for every process, then shut the process group down before the
+    interpreter exits (left to exit-time destructors, gloo can abort a process after its work is done)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _tiny_model(argv: list[str]) -> int:
