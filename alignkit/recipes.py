@@ -32,6 +32,7 @@ METHODS = {
     "dpo": ("alignkit.trainers.dpo", "DPOConfig", "DPOTrainer"),
     "npo": ("alignkit.trainers.npo", "NPOConfig", "NPOTrainer"),
     "d2o": ("alignkit.trainers.d2o", "D2OConfig", "D2OTrainer"),
+    "sft": ("alignkit.trainers.sft", "SFTConfig", "SFTTrainer"),
 }
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -112,6 +113,10 @@ def load_data(source: str | None, data_args: DataArguments, kind: str, *, train:
             return arithmetic.make_preference_pairs(size, seed=seed)
         if name == "arithmetic_problems":
             return arithmetic.make_problems(size, seed=seed)
+        if name == "arithmetic_sft":  # gold step-by-step solutions as SFT records
+            from alignkit.trainers.sft import sft_records
+
+            return sft_records(arithmetic.make_problems(size, seed=seed))
         if name == "negative_class":  # negatives records: training prompts to train, held-out prompts to eval
             from alignkit.tasks import negative_class
 
@@ -123,7 +128,7 @@ def load_data(source: str | None, data_args: DataArguments, kind: str, *, train:
             spec = synthetic_tofu.SyntheticTofuSpec(seed=data_args.synthetic_seed)
             return synthetic_tofu.records(name[len("tofu_") :], spec)
         raise ValueError(
-            f"unknown synthetic dataset {name!r}; available: arithmetic_pairs, arithmetic_problems, "
+            f"unknown synthetic dataset {name!r}; available: arithmetic_pairs, arithmetic_problems, arithmetic_sft, "
             "tofu_forgetNN, tofu_retainMM"
         )
     if source.startswith("tofu:"):

@@ -1,0 +1,62 @@
+"""SFT: ``SFTConfig`` + ``SFTTrainer`` on (``prompt``, ``response``) records.
+
+Supervised fine-tuning on positives, on the shared core: the loss is the mean negative log-likelihood
+of the response tokens (prompt tokens masked), averaged over all response tokens of the batch as in
+``transformers`` causal-LM training. It is the starting point of the per-step and on-policy methods
+(the SFT model is their reference) and the baseline they are compared with; rejection-sampling
+fine-tuning (RFT) is SFT on the model's own verified-correct samples (:func:`rft_records`).
+
+Logged: ``loss/sft`` (token-mean NLL) and ``logps/response`` (mean summed log-prob of a response).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignkit.trainers.base import AlignConfig, AlignTrainer
+
+
+@dataclass
+class SFTConfig(AlignConfig):
+    """SFT settings: no reference policy, a larger default learning rate than the preference methods."""
+
+    learning_rate: float = 2e-5
+    reference: str = field(default="none", metadata={"help": "SFT has no reference term."})
+
+
+class SFTTrainer(AlignTrainer):
+    """Next-token NLL on the response of each (prompt, response) record; prompt tokens never count."""
+
+    record_kind = "sft"
+    uses_reference = False
+    args: SFTConfig
+
+    def group_responses(self, record):
+        return [record["response"]]
+
+    def compute_batch_loss(self, model, batch):
+        policy = self.score(model, batch)
+        loss = -policy.token_logps.sum() / policy.token_logps.numel()
+        return loss, {"loss/sft": loss.detach(), "logps/response": policy.logps.detach().mean()}
+
+
+def sft_records(problems, field_name: str = "solution") -> list[dict]:
+    """Problems with a gold ``solution`` -> SFT records (``prompt``, ``response``)."""
+    return [{"prompt": p["prompt"], "response": p[field_name]} for p in problems]
+
+
+def rft_records(verified_rows, per_prompt: int | None = None) -> list[dict]:
+    """Rejection-sampling fine-tuning data: the distinct verified-correct completions of each prompt
+    (at most ``per_prompt``) as SFT records. ``verified_rows`` come from
+    :func:`alignkit.negatives.verify_rollouts`."""
+    out = []
+    for row in verified_rows:
+        seen = set()
+        for c in row["completions"]:
+            text = c["text"]
+            if c.get("correct") and text.strip() and text not in seen:
+                seen.add(text)
+                out.append({"prompt": row["prompt"], "response": text})
+                if per_prompt is not None and len(seen) >= per_prompt:
+                    break
+    return out
