@@ -19,6 +19,15 @@ Reference policy (``AlignConfig.reference``):
 ``precomputed``  log-probs computed once before training with the starting model and cached to disk;
 ``none``         reference-free methods;
 ``auto``         ``adapter`` for a PEFT model, ``model`` otherwise.
+
+Two options every method gets (both off by default; off, nothing changes and no model copy is made):
+
+* the MUSCLE-style compatibility term (``compat_weight`` λ > 0, ``compat_data``): λ · mean over the
+  response tokens of a compatibility mini-batch of KL(π_old ‖ πθ), π_old the starting model, added to
+  the method's loss and logged as ``loss/compat`` (:mod:`alignkit.compatibility`);
+* the flip guard (``flip_guard_data``): negative flips against the starting model measured every
+  ``flip_guard_steps`` steps on held-out problems, logged as ``flips/*``, optionally stopping training or
+  keeping the best model within an NFR budget (:mod:`alignkit.evaluation.flip_guard`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,6 +49,8 @@ from alignkit.data.collate import LAYOUTS, GroupCollator
 from alignkit.data.loading import load_records
 from alignkit.data.tokenize import tokenize_group
 from alignkit.scoring import ResponseScores, score_responses
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_MODES = ("auto", "adapter", "model", "precomputed", "none")
 
@@ -58,6 +70,35 @@ class AlignConfig(TrainingArguments):
         default=None, metadata={"help": "Where precomputed reference log-probs are cached (default OUTPUT_DIR/ref_logps)."}
     )
     dataset_num_proc: int | None = None
+    # MUSCLE-style compatibility term (alignkit.compatibility)
+    compat_weight: float = field(
+        default=0.0, metadata={"help": "λ of the compatibility term λ·KL(π_old ‖ πθ) on compat_data tokens; 0 = off."}
+    )
+    compat_data: str | None = field(
+        default=None,
+        metadata={"help": "SFT records (prompt, response) the old model got right: JSONL/Parquet path or dataset "
+                          "source (or pass compat_dataset= to the trainer)."},
+    )
+    compat_batch_size: int | None = field(
+        default=None, metadata={"help": "Compat records per micro-batch and process (default per_device_train_batch_size)."}
+    )
+    compat_mask: str = field(
+        default="all",
+        metadata={"help": "all: every response token of a compat record; token: only tokens the old model predicts "
+                          "greedily."},
+    )
+    # flip guard (alignkit.evaluation.flip_guard)
+    flip_guard_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out problems (path or synthetic:arithmetic_problems) for negative-flip checks; None = off."},
+    )
+    flip_guard_steps: int = field(default=100, metadata={"help": "Flip guard: evaluate every N optimizer steps."})
+    flip_guard_max_nfr: float | None = field(default=None, metadata={"help": "Flip guard: NFR budget (share of items)."})
+    flip_guard_action: str = field(default="log", metadata={"help": "Flip guard: log, stop or best."})
+    flip_guard_max_items: int = field(default=256, metadata={"help": "Flip guard: evaluate at most N items."})
+    flip_guard_verifier: str = field(default="math", metadata={"help": "Flip guard: verifier name."})
+    flip_guard_max_new_tokens: int = field(default=256, metadata={"help": "Flip guard: greedy decoding length."})
+    flip_guard_batch_size: int = field(default=64, metadata={"help": "Flip guard: sequences generated together."})
     # Trainer defaults that differ for alignment
     remove_unused_columns: bool = False
     logging_steps: float = 10
@@ -68,6 +109,22 @@ class AlignConfig(TrainingArguments):
             raise ValueError(f"score_layout must be one of {LAYOUTS}, got {self.score_layout!r}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        from alignkit.compatibility import COMPAT_MASKS
+        from alignkit.evaluation.flip_guard import check_action
+
+        if not self.compat_weight >= 0:
+            raise ValueError(f"compat_weight must be >= 0, got {self.compat_weight}")
+        if self.compat_mask not in COMPAT_MASKS:
+            raise ValueError(f"compat_mask must be one of {COMPAT_MASKS}, got {self.compat_mask!r}")
+        if self.compat_batch_size is not None and self.compat_batch_size < 1:
+            raise ValueError(f"compat_batch_size must be >= 1, got {self.compat_batch_size}")
+        check_action(self.flip_guard_action)
+        if self.flip_guard_steps < 1:
+            raise ValueError(f"flip_guard_steps must be >= 1, got {self.flip_guard_steps}")
+        if self.flip_guard_max_nfr is not None and not 0.0 <= self.flip_guard_max_nfr <= 1.0:
+            raise ValueError(f"flip_guard_max_nfr is a share of items in [0, 1], got {self.flip_guard_max_nfr}")
+        if self.flip_guard_data and self.flip_guard_action == "stop" and self.flip_guard_max_nfr is None:
+            raise ValueError("flip_guard_action='stop' needs an NFR budget: set flip_guard_max_nfr")
 
 
 def _is_peft_model(model) -> bool:
@@ -97,6 +154,7 @@ class AlignTrainer(Trainer):
         callbacks=None,
         **kwargs,
     ):
+        compat_dataset = kwargs.pop("compat_dataset", None)
         if isinstance(model, str):
             from alignkit.modeling import ModelArguments, load_model_and_tokenizer
 
@@ -123,6 +181,7 @@ class AlignTrainer(Trainer):
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if self.reference_mode == "adapter":
             ref_model = None
+        compat_model = self._resolve_compat_old_model(args, model, ref_model, compat_dataset)
 
         self.tokenizer = processing_class
         with args.main_process_first(desc="tokenizing"):
@@ -147,6 +206,8 @@ class AlignTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._setup_compat(args, compat_model, compat_dataset, shares_reference=compat_model is not None and compat_model is ref_model)
+        self._setup_flip_guard(args)
 
     # ----------------------------------------------------------------------------------------- data
 
@@ -324,6 +385,10 @@ class AlignTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.compute_batch_loss(model, inputs)
         mode = "train" if model.training else "eval"
+        if self.compat_stream is not None and mode == "train":
+            compat = self.compat_term(model)
+            loss = loss + self.args.compat_weight * compat
+            metrics = {**metrics, "loss/compat": compat.detach()}
         if metrics:
             names = list(metrics)
             values = torch.stack([metrics[k].detach().float().reshape(()) for k in names])
@@ -346,8 +411,134 @@ class AlignTrainer(Trainer):
             averaged = {f"{prefix}{k}": v for k, v in averaged.items()}
         # in place: Trainer.evaluate returns this same dict, so the per-term metrics reach its caller
         logs.update(averaged)
+        for callback in self.callback_handler.callbacks:  # flip guard metrics measured at this step
+            if mode == "train" and hasattr(callback, "pop_logs"):
+                logs.update(callback.pop_logs())
         super().log(logs, start_time)
         self._metrics[mode].clear()
+
+    # -------------------------------------------------------------------------------- compatibility
+
+    # AlignTrainer.log merges the flip guard's pending metrics (see alignkit.evaluation.flip_guard)
+    merges_callback_logs = True
+
+    def _resolve_compat_old_model(self, args, model, ref_model, compat_dataset):
+        """Where π_old of the compatibility term comes from; returns a model to prepare, or ``None``.
+
+        ``self.compat_source``: ``None`` (term off), ``reference`` (the live reference: adapter off or the
+        frozen reference model), ``adapter`` (a LoRA policy without a live reference: adapter off),
+        ``copy`` (a frozen copy of the starting model, made only here and only when λ > 0; with
+        ``reference='precomputed'`` it is the copy already made for the reference pass, kept)."""
+        self.compat_source = None
+        if not args.compat_weight:
+            if compat_dataset is not None or args.compat_data:
+                logger.warning("compat data given but compat_weight is 0: no compatibility term")
+            return None
+        if compat_dataset is None and not args.compat_data:
+            raise ValueError("compat_weight > 0 needs compatibility records: set compat_data (or pass compat_dataset=)")
+        if self.reference_mode in ("adapter", "model"):
+            self.compat_source = "reference"
+            return None
+        if _is_peft_model(model):
+            self.compat_source = "adapter"
+            return None
+        self.compat_source = "copy"
+        if self.reference_mode == "precomputed" and ref_model is not None:
+            return ref_model  # the same object: no second copy
+        return copy.deepcopy(model).eval().requires_grad_(False)
+
+    def _setup_compat(self, args, compat_model, compat_dataset, shares_reference: bool = False) -> None:
+        from alignkit.compatibility import CompatStream
+
+        self.compat_stream = None
+        self.compat_model = None
+        self._compat_step = (-1, -1)  # (global step, micro-step) of the last compat batch
+        if self.compat_source is None:
+            return
+        if compat_model is not None:
+            self.compat_model = self.ref_model if shares_reference else self._prepare_ref_model(compat_model)
+        source = compat_dataset if compat_dataset is not None else args.compat_data
+        if isinstance(source, str) and not os.path.exists(source):
+            from alignkit.recipes import DataArguments, load_data
+
+            source = load_data(source, DataArguments(), "sft", train=True)
+        with args.main_process_first(desc="tokenizing compatibility set"):
+            dataset = self._prepare_compat_dataset(source, args)
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        self.compat_stream = CompatStream(
+            dataset, GroupCollator(self.tokenizer.pad_token_id, args.score_layout),
+            args.compat_batch_size or args.per_device_train_batch_size, seed,
+        )
+
+    def _prepare_compat_dataset(self, source, args):
+        name = "compat"
+        label = source if isinstance(source, str) else "<compat dataset>"
+        dataset = load_records(source, "sft")
+
+        def tokenize(record, index):
+            return tokenize_group(self.tokenizer, record["prompt"], [record["response"]], max_length=args.max_length,
+                                  max_prompt_length=args.max_prompt_length, source=str(label), row=index + 1)
+
+        return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names,
+                           num_proc=args.dataset_num_proc, desc=f"Tokenizing {name}")
+
+    def compat_micro_index(self) -> int:
+        """The index of the current training micro-batch: global step · accumulation + micro-step. The
+        micro-step counts the compat batches drawn at the same global step, from 0 (a resumed run starts
+        at a step boundary, so it counts exactly like an uninterrupted one)."""
+        step = self.state.global_step
+        last_step, micro = self._compat_step
+        micro = micro + 1 if step == last_step else 0
+        self._compat_step = (step, micro)
+        return step * self.args.gradient_accumulation_steps + micro
+
+    def compat_old_scores(self, model, batch: dict) -> ResponseScores:
+        """π_old's scores of a compat batch, with logits (no gradient)."""
+        with torch.no_grad():
+            if self.compat_source == "reference":
+                return self.reference_scores(model, batch, keep_logits=True)
+            if self.compat_source == "adapter":
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    return score_responses(model, batch, keep_logits=True)
+            return score_responses(self.compat_model, batch, keep_logits=True)
+
+    def compat_term(self, model) -> torch.Tensor:
+        """The compatibility term of this micro-batch: mean over compat response tokens of
+        KL(π_old ‖ πθ) (:func:`alignkit.compatibility.compatibility_loss`)."""
+        from alignkit.compatibility import compatibility_loss, old_correct_token_mask
+
+        index = self.compat_micro_index()
+        batch = self.compat_stream.batch(index, self.accelerator.process_index, self.accelerator.num_processes)
+        batch = self._prepare_inputs(batch)
+        policy = score_responses(model, batch, keep_logits=True)
+        old = self.compat_old_scores(model, batch)
+        mask = old_correct_token_mask(old.logits, batch["score_targets"]) if self.args.compat_mask == "token" else None
+        return compatibility_loss(policy.logits, old.logits, mask)
+
+    # ------------------------------------------------------------------------------------ flip guard
+
+    def _setup_flip_guard(self, args) -> None:
+        from alignkit.evaluation.flip_guard import FlipGuardCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, FlipGuardCallback):
+                callback.bind(self)
+        if not args.flip_guard_data:
+            return
+        self.add_callback(FlipGuardCallback(
+            args.flip_guard_data, eval_steps=args.flip_guard_steps, max_nfr=args.flip_guard_max_nfr,
+            action=args.flip_guard_action, max_items=args.flip_guard_max_items, verifier=args.flip_guard_verifier,
+            max_new_tokens=args.flip_guard_max_new_tokens, batch_size=args.flip_guard_batch_size,
+            tokenizer=self.tokenizer,
+        ))
+
+    def add_callback(self, callback) -> None:
+        super().add_callback(callback)
+        from alignkit.evaluation.flip_guard import FlipGuardCallback
+
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, FlipGuardCallback) and cb.trainer is None:
+                cb.bind(self)
 
 
 def _prepare_deepspeed_reference(model, accelerator):

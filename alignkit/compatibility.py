@@ -1,0 +1,158 @@
+"""The MUSCLE-style compatibility term: keep an updated model close to the OLD model where the old one was right.
+
+MUSCLE (Echterhoff et al. 2024, "MUSCLE: A Model Update Strategy for Compatible LLM Evolution",
+arXiv:2407.09435, EMNLP Findings 2024) reduces *negative flips* of a model update (items the old model
+got right and the new one gets wrong; metrics in :mod:`alignkit.evaluation.flips`) by distilling the old
+model into the new one with a mask: only where the old model is right. alignkit's form, added to any
+trainer's loss with weight λ (``AlignConfig.compat_weight``; 0 = off):
+
+    L = L_method + λ · (1/|T|) · Σ_{t ∈ T} KL( π_old(·|x, y_<t) ‖ πθ(·|x, y_<t) )
+
+    KL(p ‖ q) = Σ_v p(v)·(log p(v) − log q(v))   (full next-token distributions over the vocabulary)
+
+where T are the response tokens of a *compatibility mini-batch*: SFT records (``prompt``, ``response``) of
+items the old model got right, typically the old model's own verified-correct greedy answers
+(:func:`compat_records`). The mask is the record selection (item level). ``compat_mask="token"``
+additionally keeps only tokens where the old model's greedy next token is the response token (a
+token-level reading of MUSCLE's masking; with the old model's own greedy answers as records the two agree).
+
+The old model π_old is the starting model: the trainer's live reference when it has one (a LoRA policy
+with the adapter off, or the frozen reference copy); otherwise (SFT, SimNPO, GA, ``reference='none'`` or
+``'precomputed'``) the base with the adapter off for a LoRA policy, else a frozen copy made only when
+λ > 0 (``'precomputed'`` keeps the copy it already makes for the reference pass).
+
+Batches: one compatibility mini-batch of ``compat_batch_size`` records per micro-batch of training,
+drawn from a *compat stream* (seeded permutations of the compat set laid end to end,
+:func:`alignkit.data.forget_retain.retain_stream_index`) at a position that is a pure function of
+(global step, micro-step, process rank): a run resumed from a checkpoint draws exactly the batches of an
+uninterrupted run, and the processes of a distributed run draw disjoint slices. The term is computed in
+training only (evaluation losses are the method's), and logged as ``loss/compat``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from alignkit.data.collate import GroupCollator
+from alignkit.data.forget_retain import retain_stream_index
+from alignkit.losses import token_kl_divergence
+
+logger = logging.getLogger(__name__)
+
+COMPAT_MASKS = ("all", "token")
+
+
+# ----------------------------------------------------------------------------------------- the loss
+
+
+def compatibility_loss(policy_logits: torch.Tensor, old_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the (masked) tokens of KL(π_old ‖ πθ) of the next-token distributions.
+
+    ``policy_logits`` and ``old_logits`` are [N, V] (one row per scored response token); ``mask`` [N] bool
+    selects the tokens that count (all when ``None``). No token selected gives 0 (with a gradient path).
+    """
+    kl = token_kl_divergence(policy_logits, old_logits)
+    if mask is None:
+        return kl.mean() if kl.numel() else kl.sum()
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def old_correct_token_mask(old_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the old model's greedy next token equals the response token (``compat_mask='token'``)."""
+    return old_logits.argmax(-1) == targets
+
+
+# ----------------------------------------------------------------------------------------- batches
+
+
+def compat_stream_positions(micro_index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Positions in the compat stream of micro-batch ``micro_index`` (global step · accumulation + micro-step)
+    on process ``rank``: each micro-batch takes ``batch_size · world_size`` consecutive positions, the
+    process its own slice."""
+    start = (micro_index * world_size + rank) * batch_size
+    return list(range(start, start + batch_size))
+
+
+def compat_batch_indices(micro_index: int, batch_size: int, num_records: int, seed: int, rank: int = 0,
+                         world_size: int = 1) -> list[int]:
+    """Record indices of a compat mini-batch: a pure function of its arguments (resume-safe)."""
+    if num_records < 1:
+        raise ValueError("the compatibility set is empty")
+    return [retain_stream_index(p, num_records, seed)
+            for p in compat_stream_positions(micro_index, batch_size, rank, world_size)]
+
+
+class CompatStream:
+    """The compatibility set of a trainer, tokenized, and its deterministic mini-batches."""
+
+    def __init__(self, dataset, collator: GroupCollator, batch_size: int, seed: int):
+        if len(dataset) == 0:
+            raise ValueError("compat_data has no records")
+        if batch_size < 1:
+            raise ValueError(f"compat_batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.collator = collator
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def indices(self, micro_index: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        return compat_batch_indices(micro_index, self.batch_size, len(self.dataset), self.seed, rank, world_size)
+
+    def batch(self, micro_index: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+        return self.collator([self.dataset[i] for i in self.indices(micro_index, rank, world_size)])
+
+
+# ----------------------------------------------------------------------------------------- records
+
+
+def compat_records(
+    engine,
+    verifier,
+    problems: Sequence[dict],
+    *,
+    sampling=None,
+    n: int = 1,
+    response: str = "self",
+    per_prompt: int = 1,
+    return_rows: bool = False,
+):
+    """Compatibility records of the OLD model: run it on ``problems`` through ``engine`` (a
+    :class:`~alignkit.rollout.base.RolloutEngine` holding the old model), verify with ``verifier``, keep
+    the items it got right.
+
+    ``response='self'``: the record's response is the old model's own verified-correct completion (up to
+    ``per_prompt`` distinct ones per item); ``'gold'``: the item's gold ``solution`` (one per item).
+    ``sampling`` defaults to greedy decoding (256 new tokens) with ``n=1``. Returns the SFT records
+    (``prompt``, ``response``, plus ``answer`` when the problem has one), and the verified rollout rows
+    too with ``return_rows=True``.
+    """
+    from alignkit.negatives import sample_rollouts, verify_rollouts
+    from alignkit.rollout.base import SamplingConfig
+
+    if response not in ("self", "gold"):
+        raise ValueError(f"response must be one of ('self', 'gold'), got {response!r}")
+    sampling = sampling or SamplingConfig(temperature=0.0, max_new_tokens=256, seed=0)
+    rows = verify_rollouts(sample_rollouts(engine, list(problems), n, sampling, keep_token_data=False), verifier)
+    records = []
+    for row in rows:
+        right = [c["text"] for c in row["completions"] if c.get("correct") and c["text"].strip()]
+        if not right:
+            continue
+        extra = {"answer": row["answer"]} if "answer" in row else {}
+        if response == "gold":
+            if not row.get("solution"):
+                raise ValueError("response='gold' needs a 'solution' in every problem the old model got right")
+            records.append({"prompt": row["prompt"], "response": row["solution"], **extra})
+            continue
+        for text in list(dict.fromkeys(right))[:per_prompt]:
+            records.append({"prompt": row["prompt"], "response": text, **extra})
+    logger.info("compatibility records: the old model got %d of %d items right",
+                sum(any(c.get("correct") for c in r["completions"]) for r in rows), len(rows))
+    return (records, rows) if return_rows else records
