@@ -52,11 +52,17 @@ def _tiny_model(argv: list[str]) -> int:
 def _quickstart(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="alignkit quickstart")
     parser.add_argument("--output_dir", default="outputs/quickstart")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--fast", action="store_true", help="a smoke-test size: every stage runs, nothing is learnt well")
+    parser.add_argument("--sft_steps", type=int, help="override the SFT steps")
+    parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
-    from alignkit.quickstart import run_quickstart
+    from dataclasses import replace
 
-    run_quickstart(a.output_dir, steps=a.steps)
+    from alignkit.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings.fast() if a.fast else QuickstartSettings()
+    settings = replace(settings, seed=a.seed, **({"sft_steps": a.sft_steps} if a.sft_steps else {}))
+    run_quickstart(a.output_dir, settings)
     return 0
 
 

@@ -1,92 +1,192 @@
-"""``alignkit quickstart``: an offline, CPU-only run of the whole DPO path in about a minute.
+"""``alignkit quickstart``: the whole negatives pipeline, offline, on a CPU, in a few minutes.
 
-1. build a tiny Qwen2 and a tokenizer trained offline;
-2. generate the synthetic arithmetic task: gold solutions (chosen) vs one-slip solutions (rejected);
-3. measure, on held-out pairs, how often the model prefers the correct solution;
-4. train with :class:`~alignkit.trainers.DPOTrainer` (checkpoints, progress bar);
-5. measure again, save, and load the result back with ``from_pretrained``.
+1. build a tiny Qwen2 and a tokenizer trained offline (no download);
+2. generate the synthetic multi-step arithmetic task: training problems and held-out problems;
+3. SFT the tiny model on gold step-by-step solutions (:class:`~alignkit.trainers.SFTTrainer`);
+4. evaluate it on the held-out problems (greedy, math verifier): the *old* model's predictions;
+5. update it with on-policy negatives: sample several responses per training problem from the SFT
+   model, verify them, pair a correct response with an incorrect one (the gold solution when none is
+   correct) and train DPO with the SFT model as reference (:func:`alignkit.onpolicy.run_onpolicy_rounds`);
+6. evaluate the updated model: the *new* model's predictions;
+7. print accuracy before/after and the negative-flip report of the update (MUSCLE): which held-out
+   items the SFT model solved and the update broke.
 
-Later stages (on-policy negatives, verification, flip report) join this as they land.
+Everything (models, rollouts, pairs, predictions, ``flips.json``, ``report.md``, ``summary.json``) is
+saved under the output directory. ``--fast`` shrinks every stage for a smoke test.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from alignkit.data.collate import GroupCollator
-from alignkit.data.tokenize import tokenize_group
-from alignkit.modeling import make_tiny_model
-from alignkit.scoring import score_responses
-from alignkit.tasks.arithmetic import make_preference_pairs
-from alignkit.trainers import DPOConfig, DPOTrainer
 
 
-@torch.no_grad()
-def preference_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> float:
-    """Share of pairs where log π(chosen|x) > log π(rejected|x) under ``model``."""
-    model.eval()
-    collate = GroupCollator(tokenizer.pad_token_id, "shared_prompt")
-    groups = [tokenize_group(tokenizer, p["prompt"], [p["chosen"], p["rejected"]]) for p in pairs]
-    wins = 0
-    for i in range(0, len(groups), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(groups[i : i + batch_size]).items()}
-        chosen, rejected = score_responses(model, batch).logps.view(-1, 2).unbind(1)
-        wins += int((chosen > rejected).sum())
-    return wins / len(groups)
+@dataclass
+class QuickstartSettings:
+    """Sizes of each stage. The defaults take a few minutes on 2 CPU cores."""
+
+    train_problems: int = 4000
+    eval_problems: int = 200
+    hidden_size: int = 128
+    num_layers: int = 4
+    sft_steps: int = 800
+    sft_learning_rate: float = 3e-3
+    onpolicy_problems: int = 512
+    samples_per_problem: int = 4
+    dpo_epochs: float = 2.0
+    dpo_learning_rate: float = 1e-4
+    dpo_beta: float = 0.1
+    dpo_sft_weight: float = 2.0  # NLL on the chosen response (as in iterative RPO); plain DPO broke arithmetic here
+    batch_size: int = 32
+    seed: int = 0
+
+    @classmethod
+    def fast(cls) -> "QuickstartSettings":
+        """A smoke-test size: every stage runs, nothing is learnt well."""
+        return cls(train_problems=256, eval_problems=32, hidden_size=64, num_layers=2, sft_steps=30,
+                   onpolicy_problems=32, samples_per_problem=2, batch_size=16)
 
 
-def run_quickstart(output_dir: str = "outputs/quickstart", steps: int = 200, seed: int = 0) -> dict:
+def evaluate_problems(model, tokenizer, problems: list[dict], verifier, batch_size: int = 64) -> list[dict]:
+    """Greedy answers of ``model`` on ``problems``, verified: one prediction row per item
+    (``id``, ``reference``, ``prediction``, ``correct``)."""
+    from alignkit.negatives import sample_rollouts, verify_rollouts
+    from alignkit.rollout.base import SamplingConfig
+    from alignkit.rollout.hf import HFEngine
+
+    engine = HFEngine(model, tokenizer, batch_size=batch_size)
+    rows = sample_rollouts(engine, problems, 1, SamplingConfig(temperature=0.0, max_new_tokens=96), keep_token_data=False)
+    rows = verify_rollouts(rows, verifier)
+    return [
+        {"id": i, "prompt": r["prompt"], "reference": r["answer"], "prediction": r["completions"][0]["text"],
+         "correct": r["completions"][0]["correct"]}
+        for i, r in enumerate(rows)
+    ]
+
+
+def _accuracy(predictions: list[dict]) -> float:
+    return sum(p["correct"] for p in predictions) / max(len(predictions), 1)
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    from alignkit.negatives import write_jsonl
+
+    write_jsonl(rows, path)
+
+
+def _common_config(output_dir: Path, s: QuickstartSettings) -> dict:
+    return dict(output_dir=str(output_dir), per_device_train_batch_size=s.batch_size, logging_steps=25,
+                save_total_limit=1, report_to="none", use_cpu=not torch.cuda.is_available(), seed=s.seed,
+                max_length=256)
+
+
+def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartSettings | None = None) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from alignkit.evaluation.flips import flip_metrics, mcnemar_test
+    from alignkit.modeling import make_tiny_model
+    from alignkit.negatives import preference_pairs
+    from alignkit.onpolicy import run_onpolicy_rounds
+    from alignkit.rollout.arguments import RolloutArguments
+    from alignkit.tasks.arithmetic import make_problems
+    from alignkit.trainers import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from alignkit.trainers.sft import sft_records
+    from alignkit.verifiers import get_verifier
+
+    s = settings or QuickstartSettings()
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(f"[1/5] tiny model and tokenizer -> {out / 'tiny-model'}")
-    model_path = make_tiny_model(out / "tiny-model", "qwen2", seed=seed)
+    set_seed(s.seed)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def stage(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    print(f"[1/7] tiny Qwen2 (hidden {s.hidden_size}, {s.num_layers} layers) and tokenizer -> {out / 'tiny-model'}")
+    model_path = make_tiny_model(out / "tiny-model", "qwen2", hidden_size=s.hidden_size, num_layers=s.num_layers, seed=s.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
+    stage("model", t0)
 
-    print("[2/5] synthetic arithmetic task: 512 training pairs, 128 held-out pairs")
-    train = make_preference_pairs(512, seed=seed)
-    held_out = make_preference_pairs(128, seed=seed + 10_000)
-    print(f"      e.g. prompt: {train[0]['prompt']!r}\n           rejected: {train[0]['rejected']!r}")
+    print(f"[2/7] synthetic arithmetic task: {s.train_problems} training problems, {s.eval_problems} held-out problems")
+    problems = make_problems(s.train_problems + s.eval_problems, seed=s.seed)
+    train, held_out = problems[: s.train_problems], problems[s.train_problems :]
+    print(f"      e.g. {held_out[0]['prompt']!r}\n      gold: {held_out[0]['solution']!r}")
 
-    seen = train[:128]
-    before = preference_accuracy(model, tokenizer, held_out)
-    before_seen = preference_accuracy(model, tokenizer, seen)
-    print(f"[3/5] before DPO, the model prefers the correct solution on {before_seen:.1%} of 128 training pairs "
-          f"and {before:.1%} of 128 held-out pairs")
+    t0 = time.perf_counter()
+    print(f"[3/7] SFT on the gold solutions, {s.sft_steps} steps")
+    sft_config = SFTConfig(**_common_config(out / "sft", s), max_steps=s.sft_steps, learning_rate=s.sft_learning_rate,
+                           lr_scheduler_type="cosine", warmup_steps=min(20, s.sft_steps // 5), save_steps=s.sft_steps)
+    sft = SFTTrainer(model=model, args=sft_config, train_dataset=sft_records(train), processing_class=tokenizer)
+    sft.train()
+    sft.save_model(sft_config.output_dir)
+    model = sft.model
+    stage("sft", t0)
 
-    print(f"[4/5] DPO, {steps} steps")
-    config = DPOConfig(
-        output_dir=str(out / "dpo"),
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        beta=0.1,
-        logging_steps=10,
-        save_steps=max(steps // 2, 1),
-        save_total_limit=1,
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
-        max_length=256,
+    verifier = get_verifier("math", num_workers=1)
+    t0 = time.perf_counter()
+    print(f"[4/7] evaluating the SFT model (old) on {len(held_out)} held-out problems")
+    old = evaluate_problems(model, tokenizer, held_out, verifier)
+    _write_jsonl(old, out / "old_predictions.jsonl")
+    print(f"      accuracy {_accuracy(old):.1%}")
+    stage("eval_old", t0)
+
+    t0 = time.perf_counter()
+    onpolicy = train[: s.onpolicy_problems]
+    print(f"[5/7] on-policy negatives: {s.samples_per_problem} samples for each of {len(onpolicy)} training problems, "
+          "verified, correct vs incorrect pairs, DPO against the SFT model")
+    dpo_config = DPOConfig(**_common_config(out / "onpolicy_dpo", s), onpolicy_rounds=1, num_train_epochs=s.dpo_epochs,
+                           learning_rate=s.dpo_learning_rate, beta=s.dpo_beta, sft_weight=s.dpo_sft_weight,
+                           save_strategy="epoch")
+    rollout_args = RolloutArguments(rollout_n=s.samples_per_problem, rollout_temperature=1.0, rollout_max_new_tokens=96,
+                                    rollout_batch_size=64, verifier_num_workers=1)
+    trainer, model = run_onpolicy_rounds(
+        trainer_cls=DPOTrainer, config=dpo_config, model=model, tokenizer=tokenizer, problems=onpolicy,
+        rollout_args=rollout_args,
+        build_records=lambda rows: preference_pairs(rows, pairs_per_prompt=1, fallback="solution", seed=s.seed),
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(config.output_dir)
+    rollout_stats = json.loads((out / "onpolicy_dpo" / "round_0" / "rollout_stats.json").read_text())
+    print(f"      sampled accuracy {rollout_stats['accuracy']:.1%}, all-wrong problems {rollout_stats['all_wrong']}, "
+          f"all-right {rollout_stats['all_right']}, {rollout_stats['records']} DPO pairs")
+    stage("onpolicy_dpo", t0)
 
-    reloaded = AutoModelForCausalLM.from_pretrained(config.output_dir)
-    after = preference_accuracy(reloaded, tokenizer, held_out)
-    after_seen = preference_accuracy(reloaded, tokenizer, seen)
-    print(f"[5/5] after DPO (model reloaded from {config.output_dir}): {after_seen:.1%} of the training pairs, "
-          f"{after:.1%} of the held-out pairs.\n      A random tiny model has not learnt arithmetic, so DPO alone "
-          "mostly fits the pairs it saw; SFT and on-policy negatives join this quickstart in later releases.")
-    summary = {"steps": steps, "model_dir": config.output_dir,
-               "train_pairs_preference_accuracy": {"before": before_seen, "after": after_seen},
-               "held_out_preference_accuracy": {"before": before, "after": after}}
+    t0 = time.perf_counter()
+    print(f"[6/7] evaluating the updated model (new) on the same {len(held_out)} problems")
+    new = evaluate_problems(model, tokenizer, held_out, verifier)
+    _write_jsonl(new, out / "new_predictions.jsonl")
+    print(f"      accuracy {_accuracy(new):.1%}")
+    stage("eval_new", t0)
+
+    print("[7/7] negative-flip report of the update")
+    old_correct = [p["correct"] for p in old]
+    new_correct = [p["correct"] for p in new]
+    metrics = flip_metrics(old_correct, new_correct, [p["prediction"] for p in old], [p["prediction"] for p in new])
+    test = mcnemar_test(old_correct, new_correct)
+    flips = {"metrics": metrics.to_dict(), "mcnemar": test,
+             "negative_flip_ids": [o["id"] for o, n in zip(old, new) if o["correct"] and not n["correct"]],
+             "positive_flip_ids": [o["id"] for o, n in zip(old, new) if not o["correct"] and n["correct"]]}
+    (out / "flips.json").write_text(json.dumps(flips, indent=2))
+    m = metrics
+    print(f"      accuracy {m.accuracy_old:.1%} -> {m.accuracy_new:.1%} ({m.accuracy_delta:+.1%}); "
+          f"negative flips {m.negative_flips} (NFR {m.nfr:.1%}), positive flips {m.positive_flips} (PFR {m.pfr:.1%}); "
+          f"McNemar p = {test['p_value']:.3g}")
+    timings["total"] = round(time.perf_counter() - started, 1)
+    summary = {
+        "settings": asdict(s),
+        "accuracy": {"sft": _accuracy(old), "after_negatives": _accuracy(new)},
+        "rollout": rollout_stats,
+        "flips": metrics.to_dict(),
+        "seconds": timings,
+        "models": {"sft": sft_config.output_dir, "updated": str(out / "onpolicy_dpo" / "round_0" / "model")},
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(f"done in {timings['total']:.0f}s; everything is under {out}/ (summary.json, flips.json, predictions)")
     return summary
