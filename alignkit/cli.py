@@ -4,6 +4,9 @@
     alignkit rollout --model M --prompts P.jsonl -n 8 --out R.jsonl    sample n completions per prompt
     alignkit verify --verifier math --input R.jsonl --out V.jsonl      label completions, print a summary
     alignkit serve --model M [--enable_lora]         start a vLLM OpenAI-compatible server (GPU)
+    alignkit evaluate --model M --suite evals/arithmetic.yaml --out preds.jsonl      one model's predictions
+    alignkit flips --old O.jsonl --new N.jsonl [--max-nfr 0.02]    negative-flip report of a model update
+    alignkit flips --old_model M1 --new_model M2 --suite S.yaml    ... generating both models' predictions
     alignkit quickstart [--output_dir DIR]           offline end-to-end demo on a tiny model
     alignkit tiny-model PATH [--arch qwen2|llama]    build a tiny offline model + tokenizer
 """
@@ -204,6 +207,18 @@ def _verify(argv: list[str]) -> int:
     return 0
 
 
+def _flips(argv: list[str]) -> int:
+    from alignkit.evaluation.flips_cli import flips_main
+
+    return flips_main(argv)
+
+
+def _evaluate(argv: list[str]) -> int:
+    from alignkit.evaluation.flips_cli import evaluate_main
+
+    return evaluate_main(argv)
+
+
 def _serve(argv: list[str]) -> int:
     from alignkit.rollout.serve import serve_main
 
@@ -215,6 +230,8 @@ COMMANDS = {
     "rollout": _rollout,
     "verify": _verify,
     "serve": _serve,
+    "evaluate": _evaluate,
+    "flips": _flips,
     "quickstart": _quickstart,
     "tiny-model": _tiny_model,
 }

@@ -200,3 +200,149 @@ def mcnemar_test(old_correct, new_correct) -> dict:
     top = max(logs)
     tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
     return {"negative_flips": b, "positive_flips": c, "p_value": min(1.0, 2 * tail)}
+
+
+# ------------------------------------------------------------------------------------ large-n forms
+
+
+def flip_count_bootstrap(
+    old_correct,
+    new_correct,
+    changed=None,
+    *,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every discrete flip metric, in O(samples) whatever the item count.
+
+    Every discrete metric is a function of how many items fall in each (old right?, new right?,
+    prediction changed?) category. Resampling n items with replacement and counting the categories is
+    *the same random draw* as taking the counts from Multinomial(n, observed category shares), so this
+    is the item bootstrap of :func:`bootstrap_ci`, drawn without touching the items. ``changed``
+    (per-item "new prediction differs from old") adds the interval of NFR_mc.
+
+    Returns ``{"accuracy_old", "accuracy_new", "accuracy_delta", "nfr", "pfr", "nfi", "btc"}`` (and
+    ``"nfr_mc"``) mapped to ``(low, high)``; the edge-case conventions of :func:`flip_metrics` apply
+    within each resample.
+    """
+    old = _bool_array(old_correct, "old_correct")
+    new = _bool_array(new_correct, "new_correct")
+    if old.shape != new.shape:
+        raise ValueError(f"old and new cover different numbers of items: {old.size} vs {new.size}")
+    n = old.size
+    chg = None if changed is None else _bool_array(changed, "changed")
+    if chg is not None and chg.shape != old.shape:
+        raise ValueError("changed must cover the same items as the correctness arrays")
+    # categories: 0 kept right, 1 positive flip, 2/3 negative flip (changed / same), 4/5 kept wrong (changed / same)
+    key = old.view(np.uint8) | (new.view(np.uint8) << 1)  # 0 kept wrong, 1 negative, 2 positive, 3 kept right
+    if chg is not None:
+        key = key | (chg.view(np.uint8) << 2)
+    by_key = np.bincount(key, minlength=8)
+    if chg is None:  # all counted as unchanged; NFR_mc is not reported
+        by_key[:4], by_key[4:] = by_key[:4], 0
+    counts = np.array([
+        by_key[3] + by_key[7], by_key[2] + by_key[6], by_key[5], by_key[1], by_key[4], by_key[0],
+    ])
+    keys = ["accuracy_old", "accuracy_new", "accuracy_delta", "nfr", "pfr", "nfi", "btc"] + (["nfr_mc"] if chg is not None else [])
+    if n == 0:
+        return {k: (0.0, 0.0) for k in keys}
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n, counts / n, size=samples).astype(np.float64)
+    kept, pos, neg_c, neg_s, kw_c, kw_s = draws.T
+    neg, kw = neg_c + neg_s, kw_c + kw_s
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats = {
+            "accuracy_old": (kept + neg) / n,
+            "accuracy_new": (kept + pos) / n,
+            "accuracy_delta": (pos - neg) / n,
+            "nfr": neg / n,
+            "pfr": pos / n,
+            "nfi": np.where(neg + kw > 0, neg / np.maximum(neg + kw, 1), 0.0),
+            "btc": np.where(kept + neg > 0, kept / np.maximum(kept + neg, 1), 1.0),
+        }
+        if chg is not None:
+            stats["nfr_mc"] = (neg_c + kw_c) / n
+    alpha = (1 - confidence) / 2
+    out = {}
+    for key in keys:
+        lo, hi = np.quantile(stats[key], [alpha, 1 - alpha])
+        out[key] = (float(lo), float(hi))
+    return out
+
+
+def score_flip_bootstrap(
+    old_scores,
+    new_scores,
+    threshold: float = 0.0,
+    *,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    max_work: int = 5_000_000,
+) -> tuple[dict[str, tuple[float, float]], str]:
+    """Intervals of the continuous flip metrics: ``({"nfr", "pfr", "mean_delta"}: (low, high)), method``.
+
+    NFR and PFR by the multinomial count bootstrap (exact item resampling, any n). The mean score delta
+    by a percentile item bootstrap while ``n * samples <= max_work``, else by the normal approximation
+    mean ± z·sd/√n (the bootstrap's large-n limit); ``method`` says which was used.
+    """
+    old = np.asarray(old_scores, dtype=np.float64)
+    new = np.asarray(new_scores, dtype=np.float64)
+    if old.shape != new.shape or old.ndim != 1:
+        raise ValueError(f"old and new scores must be 1-D and the same length: {old.shape} vs {new.shape}")
+    n = old.size
+    if n == 0:
+        return {"nfr": (0.0, 0.0), "pfr": (0.0, 0.0), "mean_delta": (0.0, 0.0)}, "none (no items)"
+    d = new - old
+    counts = np.array([np.count_nonzero(d < -threshold), np.count_nonzero(d > threshold)])
+    counts = np.append(counts, n - counts.sum())
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n, counts / n, size=samples) / n
+    alpha = (1 - confidence) / 2
+    out = {
+        "nfr": tuple(float(v) for v in np.quantile(draws[:, 0], [alpha, 1 - alpha])),
+        "pfr": tuple(float(v) for v in np.quantile(draws[:, 1], [alpha, 1 - alpha])),
+    }
+    if n * samples <= max_work:
+        means = np.empty(samples)
+        for b in range(samples):
+            means[b] = d[rng.integers(0, n, n)].mean()
+        out["mean_delta"] = tuple(float(v) for v in np.quantile(means, [alpha, 1 - alpha]))
+        method = f"percentile bootstrap, {samples} item resamples"
+    else:
+        z = _normal_quantile(1 - alpha)
+        half = z * float(d.std(ddof=1) if n > 1 else 0.0) / math.sqrt(n)
+        out["mean_delta"] = (float(d.mean()) - half, float(d.mean()) + half)
+        method = f"normal approximation (n = {n} too large for {samples} item resamples)"
+    return out, method
+
+
+def _normal_quantile(p: float) -> float:
+    """Φ⁻¹(p) by bisection on math.erf (no SciPy needed; ~1e-12 accurate)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def mcnemar_from_counts(negative_flips: int, positive_flips: int) -> dict:
+    """:func:`mcnemar_test` from the two discordant counts, vectorised (fast for millions of flips).
+
+    Same exact two-sided binomial test: p = min(1, 2·P(X ≤ min(b, c))), X ~ Binomial(b + c, ½).
+    """
+    b, c = int(negative_flips), int(positive_flips)
+    m = b + c
+    if m == 0:
+        return {"negative_flips": 0, "positive_flips": 0, "p_value": 1.0}
+    k = min(b, c)
+    i = np.arange(1, k + 1, dtype=np.float64)
+    # log C(m, i) = Σ_{j ≤ i} log((m − j + 1) / j), accumulated
+    log_binom = np.concatenate([[0.0], np.cumsum(np.log(m - i + 1) - np.log(i))]) - m * math.log(2)
+    top = float(log_binom.max())
+    tail = math.exp(top) * float(np.exp(log_binom - top).sum())
+    return {"negative_flips": b, "positive_flips": c, "p_value": min(1.0, 2 * tail)}
