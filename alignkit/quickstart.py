@@ -11,8 +11,8 @@
 7. print accuracy before/after and the negative-flip report of the update (MUSCLE): which held-out
    items the SFT model solved and the update broke.
 
-Everything (models, rollouts, pairs, predictions, ``flips.json``, ``report.md``, ``summary.json``) is
-saved under the output directory. ``--fast`` shrinks every stage for a smoke test.
+Everything (models, rollouts, pairs, predictions, ``flip_report/`` with ``flips.json``, ``report.md`` and
+``flips.png``, ``summary.json``) is saved under the output directory. ``--fast`` shrinks every stage for a smoke test.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def _common_config(output_dir: Path, s: QuickstartSettings) -> dict:
 def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartSettings | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from alignkit.evaluation.flips import flip_metrics, mcnemar_test
+    from alignkit.evaluation.flip_report import flip_report, format_summary, write_report
+    from alignkit.evaluation.flips import flip_metrics
     from alignkit.modeling import make_tiny_model
     from alignkit.negatives import preference_pairs
     from alignkit.onpolicy import run_onpolicy_rounds
@@ -165,25 +166,19 @@ def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartS
     print(f"      accuracy {_accuracy(new):.1%}")
     stage("eval_new", t0)
 
-    print("[7/7] negative-flip report of the update")
-    old_correct = [p["correct"] for p in old]
-    new_correct = [p["correct"] for p in new]
-    metrics = flip_metrics(old_correct, new_correct, [p["prediction"] for p in old], [p["prediction"] for p in new])
-    test = mcnemar_test(old_correct, new_correct)
-    flips = {"metrics": metrics.to_dict(), "mcnemar": test,
-             "negative_flip_ids": [o["id"] for o, n in zip(old, new) if o["correct"] and not n["correct"]],
-             "positive_flip_ids": [o["id"] for o, n in zip(old, new) if not o["correct"] and n["correct"]]}
-    (out / "flips.json").write_text(json.dumps(flips, indent=2))
-    m = metrics
-    print(f"      accuracy {m.accuracy_old:.1%} -> {m.accuracy_new:.1%} ({m.accuracy_delta:+.1%}); "
-          f"negative flips {m.negative_flips} (NFR {m.nfr:.1%}), positive flips {m.positive_flips} (PFR {m.pfr:.1%}); "
-          f"McNemar p = {test['p_value']:.3g}")
+    print("[7/7] negative-flip report of the update (MUSCLE: items the SFT model solved and the update broke)")
+    report = flip_report(old=out / "old_predictions.jsonl", new=out / "new_predictions.jsonl")
+    paths = write_report(report, out / "flip_report", show=20)
+    print("\n".join("      " + line for line in format_summary(report).splitlines()))
+    print(f"      -> {', '.join(str(p) for p in paths.values())}")
+    metrics = flip_metrics([p["correct"] for p in old], [p["correct"] for p in new])
     timings["total"] = round(time.perf_counter() - started, 1)
     summary = {
         "settings": asdict(s),
         "accuracy": {"sft": _accuracy(old), "after_negatives": _accuracy(new)},
         "rollout": rollout_stats,
         "flips": metrics.to_dict(),
+        "flip_report": str(paths["markdown"]),
         "seconds": timings,
         "models": {"sft": sft_config.output_dir, "updated": str(out / "onpolicy_dpo" / "round_0" / "model")},
     }

@@ -20,9 +20,10 @@ def test_quickstart_fast_runs_every_stage_and_the_flip_report_matches_the_predic
     assert len(old) == len(new) == summary["settings"]["eval_problems"] == 32
     assert [o["id"] for o in old] == [n["id"] for n in new]
     negative = [o["id"] for o, n in zip(old, new) if o["correct"] and not n["correct"]]
-    flips = json.loads((tmp_path / "flips.json").read_text())
+    flips = json.loads((tmp_path / "flip_report" / "flips.json").read_text())
     assert flips["negative_flip_ids"] == negative
-    assert summary["flips"]["nfr"] == pytest.approx(len(negative) / 32)
+    assert summary["flips"]["nfr"] == pytest.approx(len(negative) / 32) == pytest.approx(flips["nfr"])
+    assert (tmp_path / "flip_report" / "report.md").read_text().startswith("# Negative flip report")
     assert summary["accuracy"]["sft"] == pytest.approx(sum(o["correct"] for o in old) / 32)
     # the SFT model and the updated model are saved and the round's rollouts are verified
     assert (tmp_path / "sft" / "model.safetensors").exists()
