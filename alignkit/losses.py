@@ -170,3 +170,53 @@ def d2o_loss(
     negative = alpha * (policy_rejected_logps - ref_rejected_logps)
     losses = -F.logsigmoid(positive - negative)
     return D2OLoss(losses, positive.detach(), negative.detach())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-step negatives: advantage-weighted log-likelihood (Setlur et al. 2024)
+
+
+class AdvantageWeightedLoss(NamedTuple):
+    loss: torch.Tensor  # scalar
+    weighted_nll: torch.Tensor  # scalar, −Σ_t w_t·log πθ(y_t|·) / T, detached
+    kl: torch.Tensor  # scalar, mean per-token k3 estimate of KL(πθ ‖ π_ref) (0 without a reference), detached
+
+
+def advantage_weighted_loss(
+    token_logps: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    ref_token_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    normalizer: float | torch.Tensor | None = None,
+) -> AdvantageWeightedLoss:
+    """Advantage-weighted log-likelihood with a per-token KL penalty, over the T scored tokens of a batch:
+
+        L_AW = −(1/T)·Σ_t w_t·log πθ(y_t | x, y_<t)  +  kl_coef·(1/T)·Σ_t k3_t
+        k3_t = exp(d_t) − d_t − 1,   d_t = log π_ref(y_t | x, y_<t) − log πθ(y_t | x, y_<t)
+
+    where w_t is the advantage A_i = Q_i − Q_{i−1} of the step i that token t belongs to (a constant for
+    positive responses, see ``PerStepConfig``). This is the sample form of the advantage-weighted RL
+    objective that Setlur et al. 2024 (arXiv:2406.14532, §6) show per-step DPO optimises:
+    max_π E_{x, y∼π_sft}[Σ_i A^{π_sft}(x, y_{1:i−1}; y_i)·log π(y_i | x, y_{1:i−1})] − β·KL(π ‖ π_sft).
+    Its gradient is −(1/T)·Σ_t w_t·∇log πθ(y_t|·): tokens of steps that raised the chance of success are
+    pushed up, tokens of the step that lost it (the pit) pushed down, steps that changed nothing (A = 0)
+    left alone. A negative weight is unbounded below on its own; the KL term (k3, Schulman 2020,
+    "Approximating KL divergence", as in GRPO; ≥ 0, zero when πθ = π_ref on the token) keeps the policy
+    near the reference. T = ``normalizer`` (default: the number of tokens); pass e.g. the number of
+    responses for a per-response sum.
+    Shapes: all per-token tensors [N] in the same order.
+    """
+    if token_logps.shape != token_weights.shape:
+        raise ValueError(f"token_logps {tuple(token_logps.shape)} and token_weights {tuple(token_weights.shape)} differ")
+    denom = normalizer if normalizer is not None else max(token_logps.numel(), 1)
+    weighted = -(token_weights.to(token_logps.dtype) * token_logps).sum() / denom
+    loss = weighted
+    kl = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
+    if kl_coef:
+        if ref_token_logps is None:
+            raise ValueError("kl_coef > 0 needs ref_token_logps")
+        d = ref_token_logps.to(token_logps.dtype) - token_logps
+        kl = (torch.exp(d) - d - 1).sum() / denom
+        loss = loss + kl_coef * kl
+    return AdvantageWeightedLoss(loss, weighted.detach(), kl.detach())

@@ -33,6 +33,7 @@ METHODS = {
     "npo": ("alignkit.trainers.npo", "NPOConfig", "NPOTrainer"),
     "d2o": ("alignkit.trainers.d2o", "D2OConfig", "D2OTrainer"),
     "sft": ("alignkit.trainers.sft", "SFTConfig", "SFTTrainer"),
+    "perstep": ("alignkit.trainers.perstep", "PerStepConfig", "PerStepTrainer"),
 }
 SYNTHETIC_PREFIX = "synthetic:"
 

@@ -22,7 +22,10 @@ Both layouts describe the tokens to score the same way, so the scorer does not c
 * ``score_response`` [N]: which response (0..R-1, group-major order) the token belongs to,
 * ``response_group`` [R], ``response_lengths`` [R].
 
-Extra per-response float fields present in every example (``ref_logps``) are flattened to [R].
+Extra per-response float fields present in every example (``ref_logps``, ``is_negative``) are flattened
+to [R]; per-group float fields (``rejected_share``, one number per example) become [B].
+Extra per-token float fields (``token_weights``: one list of floats per response, as long as its
+``response_ids``) are flattened to [N], in ``score_targets`` order, in both layouts.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from dataclasses import dataclass
 import torch
 
 LAYOUTS = ("padded", "shared_prompt")
-PER_RESPONSE_FLOAT_FIELDS = ("ref_logps",)
+PER_RESPONSE_FLOAT_FIELDS = ("ref_logps", "is_negative")
+PER_GROUP_FLOAT_FIELDS = ("rejected_share",)
+PER_TOKEN_FLOAT_FIELDS = ("token_weights",)
 
 
 @dataclass
@@ -106,4 +111,18 @@ class GroupCollator:
         for name in PER_RESPONSE_FLOAT_FIELDS:
             if all(name in ex and ex[name] is not None for ex in examples):
                 batch[name] = torch.tensor([v for ex in examples for v in ex[name]], dtype=torch.float32)
+        for name in PER_GROUP_FLOAT_FIELDS:
+            if all(name in ex and ex[name] is not None for ex in examples):
+                batch[name] = torch.tensor([float(ex[name]) for ex in examples], dtype=torch.float32)
+        for name in PER_TOKEN_FLOAT_FIELDS:
+            if all(name in ex and ex[name] is not None for ex in examples):
+                values = []
+                for ex in examples:
+                    if len(ex[name]) != len(ex["response_ids"]) or any(
+                        len(w) != len(r) for w, r in zip(ex[name], ex["response_ids"])
+                    ):
+                        raise ValueError(f"{name} must hold one value per response token of every response")
+                    for w in ex[name]:
+                        values.extend(w)
+                batch[name] = torch.tensor(values, dtype=torch.float32)
         return batch
