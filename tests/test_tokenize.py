@@ -34,3 +34,22 @@ def test_truncation_keeps_prompt_end_and_cuts_responses(tokenizer):
     full = tokenizer(long_prompt).input_ids
     assert g["prompt_ids"] == full[-16:]
     assert len(g["prompt_ids"]) + len(g["response_ids"][0]) == 24
+
+
+class _BosTokenizer:
+    """Adds a BOS id (1) unless told not to; the text ``<s>`` itself maps to the BOS id."""
+
+    bos_token = "<s>"
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [1] if text.startswith("<s>") else []
+        ids += [ord(c) for c in (text[3:] if ids else text)]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_a_rendered_prompt_that_starts_with_bos_gets_one_bos():
+    from alignkit.rollout.base import prompt_token_ids
+
+    tok = _BosTokenizer()
+    assert prompt_token_ids(tok, "hi") == [1, ord("h"), ord("i")]
+    assert prompt_token_ids(tok, "<s>hi") == [1, ord("h"), ord("i")]  # not [1, 1, ...]

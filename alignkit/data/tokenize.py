@@ -39,6 +39,9 @@ def _ids(tokenizer, value, **chat_kwargs) -> list[int]:
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and value.startswith(bos):  # an already rendered chat prompt: no second BOS
+        return tokenizer(value, add_special_tokens=False)["input_ids"]
     return tokenizer(value)["input_ids"]
 
 
