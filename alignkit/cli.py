@@ -57,6 +57,8 @@ def _quickstart(argv: list[str]) -> int:
     parser.add_argument("--output_dir", default="outputs/quickstart")
     parser.add_argument("--fast", action="store_true", help="a smoke-test size: every stage runs, nothing is learnt well")
     parser.add_argument("--sft_steps", type=int, help="override the SFT steps")
+    parser.add_argument("--update", choices=["dpo", "perstep"], default="dpo",
+                        help="dpo: on-policy (correct, incorrect) pairs; perstep: first-pit per-step DPO")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
     from dataclasses import replace
@@ -64,7 +66,7 @@ def _quickstart(argv: list[str]) -> int:
     from alignkit.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings.fast() if a.fast else QuickstartSettings()
-    settings = replace(settings, seed=a.seed, **({"sft_steps": a.sft_steps} if a.sft_steps else {}))
+    settings = replace(settings, seed=a.seed, update=a.update, **({"sft_steps": a.sft_steps} if a.sft_steps else {}))
     run_quickstart(a.output_dir, settings)
     return 0
 

@@ -7,6 +7,8 @@
 5. update it with on-policy negatives: sample several responses per training problem from the SFT
    model, verify them, pair a correct response with an incorrect one (the gold solution when none is
    correct) and train DPO with the SFT model as reference (:func:`alignkit.onpolicy.run_onpolicy_rounds`);
+   or, with ``--update perstep``, estimate the step values of the incorrect responses and train DPO
+   against each one cut at its first pit (:class:`~alignkit.trainers.PerStepTrainer`);
 6. evaluate the updated model: the *new* model's predictions;
 7. print accuracy before/after and the negative-flip report of the update (MUSCLE): which held-out
    items the SFT model solved and the update broke.
@@ -43,6 +45,7 @@ class QuickstartSettings:
     dpo_beta: float = 0.1
     dpo_sft_weight: float = 2.0  # NLL on the chosen response (as in iterative RPO); plain DPO broke arithmetic here
     batch_size: int = 32
+    update: str = "dpo"  # "dpo": on-policy outcome pairs; "perstep": first-pit per-step DPO (Setlur et al. 2024)
     seed: int = 0
 
     @classmethod
@@ -73,10 +76,14 @@ def _accuracy(predictions: list[dict]) -> float:
     return sum(p["correct"] for p in predictions) / max(len(predictions), 1)
 
 
-def _write_jsonl(rows: list[dict], path: Path) -> None:
+def _evaluate_and_save(model, tokenizer, problems: list[dict], verifier, path: Path) -> list[dict]:
+    """:func:`evaluate_problems`, written to ``path`` (JSONL), accuracy printed."""
     from alignkit.negatives import write_jsonl
 
-    write_jsonl(rows, path)
+    predictions = evaluate_problems(model, tokenizer, problems, verifier)
+    write_jsonl(predictions, path)
+    print(f"      accuracy {_accuracy(predictions):.1%} -> {path}")
+    return predictions
 
 
 def _common_config(output_dir: Path, s: QuickstartSettings) -> dict:
@@ -85,17 +92,61 @@ def _common_config(output_dir: Path, s: QuickstartSettings) -> dict:
                 max_length=256)
 
 
+def _rollout_args(s: QuickstartSettings):
+    from alignkit.rollout.arguments import RolloutArguments
+
+    return RolloutArguments(rollout_n=s.samples_per_problem, rollout_temperature=1.0, rollout_max_new_tokens=96,
+                            rollout_batch_size=64, verifier_num_workers=1)
+
+
+def _onpolicy_dpo_update(model, tokenizer, problems: list[dict], out: Path, s: QuickstartSettings):
+    """One on-policy round: sample, verify, (correct, incorrect) pairs, DPO against the SFT model."""
+    from alignkit.negatives import preference_pairs
+    from alignkit.onpolicy import run_onpolicy_rounds
+    from alignkit.trainers import DPOConfig, DPOTrainer
+
+    print(f"[5/7] on-policy negatives: {s.samples_per_problem} samples for each of {len(problems)} training problems, "
+          "verified, correct vs incorrect pairs, DPO against the SFT model")
+    config = DPOConfig(**_common_config(out / "onpolicy_dpo", s), onpolicy_rounds=1, num_train_epochs=s.dpo_epochs,
+                       learning_rate=s.dpo_learning_rate, beta=s.dpo_beta, sft_weight=s.dpo_sft_weight,
+                       save_strategy="epoch")
+    _, model = run_onpolicy_rounds(
+        trainer_cls=DPOTrainer, config=config, model=model, tokenizer=tokenizer, problems=problems,
+        rollout_args=_rollout_args(s),
+        build_records=lambda rows: preference_pairs(rows, pairs_per_prompt=1, fallback="solution", seed=s.seed),
+    )
+    stats = json.loads((out / "onpolicy_dpo" / "round_0" / "rollout_stats.json").read_text())
+    print(f"      sampled accuracy {stats['accuracy']:.1%}, all-wrong problems {stats['all_wrong']}, "
+          f"all-right {stats['all_right']}, {stats['records']} DPO pairs")
+    return model, {"rollouts": stats}, str(out / "onpolicy_dpo" / "round_0" / "model")
+
+
+def _perstep_update(model, tokenizer, problems: list[dict], out: Path, s: QuickstartSettings):
+    """Per-step negatives: sample, verify, Monte Carlo step values of the wrong answers, first-pit DPO."""
+    from alignkit.trainers import PerStepConfig, PerStepTrainer
+
+    print(f"[5/7] per-step negatives: {s.samples_per_problem} samples for each of {len(problems)} training problems, "
+          "verified; step values of the wrong answers by 4 rollouts per prefix; DPO of a correct answer against "
+          "the wrong answer cut at its first pit, against the SFT model")
+    config = PerStepConfig(**_common_config(out / "perstep", s), mode="first_pit_dpo", num_train_epochs=s.dpo_epochs,
+                           learning_rate=s.dpo_learning_rate, beta=s.dpo_beta, sft_weight=s.dpo_sft_weight,
+                           negatives_per_problem=s.samples_per_problem, num_rollouts=4, save_strategy="epoch")
+    trainer = PerStepTrainer(model, config, train_dataset=problems, processing_class=tokenizer,
+                             rollout_args=_rollout_args(s))
+    report = trainer.build_reports.get("train", {})
+    trainer.train()
+    trainer.save_model(config.output_dir)
+    return trainer.model, report, config.output_dir
+
+
 def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartSettings | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from alignkit.evaluation.flip_report import flip_report, format_summary, write_report
     from alignkit.evaluation.flips import flip_metrics
     from alignkit.modeling import make_tiny_model
-    from alignkit.negatives import preference_pairs
-    from alignkit.onpolicy import run_onpolicy_rounds
-    from alignkit.rollout.arguments import RolloutArguments
     from alignkit.tasks.arithmetic import make_problems
-    from alignkit.trainers import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from alignkit.trainers import SFTConfig, SFTTrainer
     from alignkit.trainers.sft import sft_records
     from alignkit.verifiers import get_verifier
 
@@ -135,35 +186,20 @@ def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartS
     verifier = get_verifier("math", num_workers=1)
     t0 = time.perf_counter()
     print(f"[4/7] evaluating the SFT model (old) on {len(held_out)} held-out problems")
-    old = evaluate_problems(model, tokenizer, held_out, verifier)
-    _write_jsonl(old, out / "old_predictions.jsonl")
-    print(f"      accuracy {_accuracy(old):.1%}")
+    old = _evaluate_and_save(model, tokenizer, held_out, verifier, out / "old_predictions.jsonl")
     stage("eval_old", t0)
 
     t0 = time.perf_counter()
     onpolicy = train[: s.onpolicy_problems]
-    print(f"[5/7] on-policy negatives: {s.samples_per_problem} samples for each of {len(onpolicy)} training problems, "
-          "verified, correct vs incorrect pairs, DPO against the SFT model")
-    dpo_config = DPOConfig(**_common_config(out / "onpolicy_dpo", s), onpolicy_rounds=1, num_train_epochs=s.dpo_epochs,
-                           learning_rate=s.dpo_learning_rate, beta=s.dpo_beta, sft_weight=s.dpo_sft_weight,
-                           save_strategy="epoch")
-    rollout_args = RolloutArguments(rollout_n=s.samples_per_problem, rollout_temperature=1.0, rollout_max_new_tokens=96,
-                                    rollout_batch_size=64, verifier_num_workers=1)
-    trainer, model = run_onpolicy_rounds(
-        trainer_cls=DPOTrainer, config=dpo_config, model=model, tokenizer=tokenizer, problems=onpolicy,
-        rollout_args=rollout_args,
-        build_records=lambda rows: preference_pairs(rows, pairs_per_prompt=1, fallback="solution", seed=s.seed),
-    )
-    rollout_stats = json.loads((out / "onpolicy_dpo" / "round_0" / "rollout_stats.json").read_text())
-    print(f"      sampled accuracy {rollout_stats['accuracy']:.1%}, all-wrong problems {rollout_stats['all_wrong']}, "
-          f"all-right {rollout_stats['all_right']}, {rollout_stats['records']} DPO pairs")
-    stage("onpolicy_dpo", t0)
+    if s.update == "perstep":
+        model, update_stats, updated_dir = _perstep_update(model, tokenizer, onpolicy, out, s)
+    else:
+        model, update_stats, updated_dir = _onpolicy_dpo_update(model, tokenizer, onpolicy, out, s)
+    stage(f"update_{s.update}", t0)
 
     t0 = time.perf_counter()
     print(f"[6/7] evaluating the updated model (new) on the same {len(held_out)} problems")
-    new = evaluate_problems(model, tokenizer, held_out, verifier)
-    _write_jsonl(new, out / "new_predictions.jsonl")
-    print(f"      accuracy {_accuracy(new):.1%}")
+    new = _evaluate_and_save(model, tokenizer, held_out, verifier, out / "new_predictions.jsonl")
     stage("eval_new", t0)
 
     print("[7/7] negative-flip report of the update (MUSCLE: items the SFT model solved and the update broke)")
@@ -176,11 +212,11 @@ def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartS
     summary = {
         "settings": asdict(s),
         "accuracy": {"sft": _accuracy(old), "after_negatives": _accuracy(new)},
-        "rollout": rollout_stats,
+        "update": {"method": s.update, **update_stats},
         "flips": metrics.to_dict(),
         "flip_report": str(paths["markdown"]),
         "seconds": timings,
-        "models": {"sft": sft_config.output_dir, "updated": str(out / "onpolicy_dpo" / "round_0" / "model")},
+        "models": {"sft": sft_config.output_dir, "updated": updated_dir},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {timings['total']:.0f}s; everything is under {out}/ (summary.json, flips.json, predictions)")

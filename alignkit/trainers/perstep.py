@@ -402,8 +402,6 @@ class PerStepTrainer(AlignTrainer):
             )
             write_jsonl(records, path)
             path.with_suffix(".json").write_text(json.dumps({"key": key, "report": report}, indent=2))
-            print(f"per-step {name}: {report['records']} negatives, {report['with_pit']} with a first pit; "
-                  f"step values: {report['step_values']}")
             return records
 
         records = on_main_process(load_or_build)
