@@ -65,33 +65,41 @@ class DPOTrainer(AlignTrainer):
         return [record["chosen"], record["rejected"]]
 
     def compute_batch_loss(self, model, batch):
-        policy = self.score(model, batch)
-        ref_logps = self.reference_logps(model, batch)
-        chosen, rejected = policy.logps.view(-1, 2).unbind(1)
-        ref_chosen, ref_rejected = ref_logps.view(-1, 2).unbind(1)
-        chosen_len, rejected_len = policy.lengths.view(-1, 2).unbind(1)
-        out = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected,
-            beta=self.args.beta,
-            loss_type=self.args.loss_type,
-            label_smoothing=self.args.label_smoothing,
-            chosen_lengths=chosen_len,
-            rejected_lengths=rejected_len,
-        )
-        loss = out.losses.mean()
-        metrics = {"loss/dpo": loss.detach()}
-        if self.args.sft_weight:
-            sft = nll_loss(chosen, chosen_len).mean()
-            loss = loss + self.args.sft_weight * sft
-            metrics["loss/sft"] = sft.detach()
-        metrics.update(
-            {
-                "rewards/chosen": out.chosen_rewards.mean(),
-                "rewards/rejected": out.rejected_rewards.mean(),
-                "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-                "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-                "logps/chosen": chosen.detach().mean(),
-                "logps/rejected": rejected.detach().mean(),
-            }
-        )
-        return loss, metrics
+        a = self.args
+        return pair_dpo_loss(self.score(model, batch), self.reference_logps(model, batch), beta=a.beta,
+                             loss_type=a.loss_type, label_smoothing=a.label_smoothing, sft_weight=a.sft_weight)
+
+
+def pair_dpo_loss(policy, ref_logps, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                  sft_weight: float = 0.0):
+    """DPO loss and logged terms of a batch of [chosen, rejected] groups: ``policy`` is the policy's
+    :class:`~alignkit.scoring.ResponseScores`, ``ref_logps`` the reference log-probs ([2·B], group-major).
+    Shared by :class:`DPOTrainer` and the first-pit mode of the per-step trainer."""
+    chosen, rejected = policy.logps.view(-1, 2).unbind(1)
+    ref_chosen, ref_rejected = ref_logps.view(-1, 2).unbind(1)
+    chosen_len, rejected_len = policy.lengths.view(-1, 2).unbind(1)
+    out = dpo_loss(
+        chosen, rejected, ref_chosen, ref_rejected,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        chosen_lengths=chosen_len,
+        rejected_lengths=rejected_len,
+    )
+    loss = out.losses.mean()
+    metrics = {"loss/dpo": loss.detach()}
+    if sft_weight:
+        sft = nll_loss(chosen, chosen_len).mean()
+        loss = loss + sft_weight * sft
+        metrics["loss/sft"] = sft.detach()
+    metrics.update(
+        {
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+        }
+    )
+    return loss, metrics

@@ -67,9 +67,10 @@ from alignkit.data.tokenize import (
     _with_response,
     tokenize_group,
 )
-from alignkit.losses import DPO_LOSS_TYPES, advantage_weighted_loss, dpo_loss, nll_loss
+from alignkit.losses import DPO_LOSS_TYPES, advantage_weighted_loss
 from alignkit.steps import first_pit, segment_steps
 from alignkit.trainers.base import AlignConfig, AlignTrainer
+from alignkit.trainers.dpo import pair_dpo_loss
 
 logger = logging.getLogger(__name__)
 
@@ -419,27 +420,9 @@ class PerStepTrainer(AlignTrainer):
         return self._aw_loss(model, batch)
 
     def _dpo_loss(self, model, batch):
-        policy = self.score(model, batch)
-        ref_logps = self.reference_logps(model, batch)
-        chosen, rejected = policy.logps.view(-1, 2).unbind(1)
-        ref_chosen, ref_rejected = ref_logps.view(-1, 2).unbind(1)
-        chosen_len, rejected_len = policy.lengths.view(-1, 2).unbind(1)
-        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.args.beta, loss_type=self.args.loss_type,
-                       chosen_lengths=chosen_len, rejected_lengths=rejected_len)
-        loss = out.losses.mean()
-        metrics = {"loss/dpo": loss.detach()}
-        if self.args.sft_weight:
-            sft = nll_loss(chosen, chosen_len).mean()
-            loss = loss + self.args.sft_weight * sft
-            metrics["loss/sft"] = sft.detach()
-        metrics.update({
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-            "logps/chosen": chosen.detach().mean(),
-            "logps/rejected": rejected.detach().mean(),
-        })
+        a = self.args
+        loss, metrics = pair_dpo_loss(self.score(model, batch), self.reference_logps(model, batch), beta=a.beta,
+                                      loss_type=a.loss_type, sft_weight=a.sft_weight)
         if "rejected_share" in batch:
             metrics["steps/rejected_share"] = batch["rejected_share"].float().mean()
         return loss, metrics
