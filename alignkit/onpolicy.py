@@ -133,6 +133,9 @@ def run_onpolicy_rounds(
     if config.onpolicy_reference == "initial" and not is_peft and config.reference not in ("none",):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    if getattr(config, "flip_guard_data", None):
+        logger.warning("flip guard in on-policy rounds: each round is compared with the model it started from, "
+                       "not with the initial model (run `alignkit flips` on the initial and final models for that)")
     done = state["rounds_completed"]
     saved = [output_dir / f"round_{k}" / "model" for k in range(done)]
     saved = [d for d in saved if d.is_dir()]
