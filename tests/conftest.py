@@ -46,4 +46,20 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+class Crash(Exception):
+    """A simulated crash, raised by :class:`CrashAfterSave`."""
+
+
+def crash_after_save(step: int):
+    """A callback that raises :class:`Crash` right after the checkpoint of ``step`` is written (resume tests)."""
+    from transformers import TrainerCallback
+
+    class CrashAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise Crash
+
+    return CrashAfterSave()
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

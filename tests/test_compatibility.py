@@ -9,11 +9,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_tiny
+from conftest import Crash, crash_after_save, load_tiny
 from fakes import LastNumberVerifier, ScriptedEngine
 from peft import LoraConfig
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 import alignkit.trainers.base as base
 from alignkit.compatibility import CompatStream, compat_batch_indices, compat_records
@@ -163,14 +162,6 @@ def test_crash_and_resume_gives_the_same_weights(tiny_model_path, tokenizer, tmp
     """λ > 0, gradient accumulation 2: a run that dies after its step-3 checkpoint and is resumed ends with the
     weights of an uninterrupted 6-step run."""
 
-    class Crash(Exception):
-        pass
-
-    class CrashAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise Crash
-
     def run(out, callbacks=(), resume=None):
         config = _config(tmp_path, output_dir=str(out), max_steps=6, save_strategy="steps", save_steps=3,
                          per_device_train_batch_size=2, gradient_accumulation_steps=2, compat_weight=2.0,
@@ -184,7 +175,7 @@ def test_crash_and_resume_gives_the_same_weights(tiny_model_path, tokenizer, tmp
     compat_logs = [h["loss/compat"] for h in full.state.log_history if "loss/compat" in h]
     assert len(compat_logs) == 6 and compat_logs[0] == 0.0 and max(compat_logs) > 1e-3
     with pytest.raises(Crash):
-        run(tmp_path / "resumed", [CrashAfterSave()])
+        run(tmp_path / "resumed", [crash_after_save(3)])
     middle = load_file(tmp_path / "resumed" / "checkpoint-3" / "model.safetensors")
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-3"))
     assert resumed.state.global_step == 6

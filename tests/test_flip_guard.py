@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_tiny
+from conftest import Crash, crash_after_save, load_tiny
 from fakes import LastNumberVerifier
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -136,18 +136,10 @@ def test_best_keeps_the_most_accurate_checkpoint_within_budget(tiny_model_path, 
 
 
 def test_baseline_is_cached_and_reused_on_resume(tiny_model_path, tokenizer, tmp_path):
-    class Crash(Exception):
-        pass
-
-    class CrashAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            if state.global_step == 4:
-                raise Crash
-
     engine = PatternEngine([BASE, "1111100011", "1111110011"])
     guard = FlipGuardCallback(PROBLEMS, eval_steps=2, action="best", engine=engine, verifier=LastNumberVerifier())
     with pytest.raises(Crash):
-        _train(tmp_path, tiny_model_path, tokenizer, guard, callbacks=[CrashAfterSave()], save_strategy="steps",
+        _train(tmp_path, tiny_model_path, tokenizer, guard, callbacks=[crash_after_save(4)], save_strategy="steps",
                save_steps=2)
     cached = json.loads((tmp_path / "out" / BASELINE_FILE).read_text())
     assert cached["correct"] == pattern(BASE) and cached["step"] == 0

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import load_tiny
+from conftest import Crash, crash_after_save, load_tiny
 from peft import LoraConfig
 from safetensors.torch import load_file
 
@@ -152,7 +152,6 @@ def test_missing_empty_or_malformed_sets_are_clear_errors(tiny_model_path, token
 def test_crash_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
     """The recipe path in-process: an uninterrupted run vs one that dies right after its step-6 checkpoint
     (mid second epoch: 20 forget records, batch 4) and is resumed with ``resume_from_checkpoint auto``."""
-    from transformers import TrainerCallback
 
     import alignkit.recipes as recipes
 
@@ -166,14 +165,6 @@ def test_crash_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
 
     run(tmp_path / "full")
 
-    class Crash(Exception):
-        pass
-
-    class CrashAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            if state.global_step == 6:
-                raise Crash
-
     original = recipes.method_classes
 
     def with_crash(method):
@@ -182,7 +173,7 @@ def test_crash_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
         class Crashing(trainer_cls):
             def __init__(self, *a, **k):
                 super().__init__(*a, **k)
-                self.add_callback(CrashAfterSave())
+                self.add_callback(crash_after_save(6))
 
         return config_cls, Crashing
 

@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
-from conftest import load_tiny
+from conftest import Crash, crash_after_save, load_tiny
 from fakes import LastNumberVerifier
 from safetensors.torch import load_file
 from test_steps import PrefixEngine
-from transformers import TrainerCallback
 
 from alignkit.data.records import RecordError
 from alignkit.rollout.arguments import RolloutArguments
@@ -178,16 +177,6 @@ def test_records_built_from_problems_and_cached(tiny_model_path, tokenizer, tmp_
         _built(tmp_path, tokenizer, load_tiny(tiny_model_path), FailingEngine(), num_rollouts=3)
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAfterSave(TrainerCallback):
-    def on_save(self, args, state, control, **kw):
-        if state.global_step == 3:
-            raise Crash
-
-
 @pytest.mark.parametrize("mode", ["first_pit_dpo", "advantage_weighted"])
 def test_checkpoint_and_resume_equal_an_uninterrupted_run(tiny_model_path, tokenizer, tmp_path, mode):
     common = dict(mode=mode, max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=1,
@@ -197,7 +186,7 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(tiny_model_path, token
     full.save_model(full.args.output_dir)
 
     crashed = _built(tmp_path / "b", tokenizer, load_tiny(tiny_model_path), FailingEngine(), **common)
-    crashed.add_callback(CrashAfterSave())
+    crashed.add_callback(crash_after_save(3))
     with pytest.raises(Crash):
         crashed.train()
     checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
