@@ -234,3 +234,19 @@ def test_recipes_parse():
     assert model_args.model_name_or_path == "Qwen/Qwen2.5-1.5B-Instruct" and config.reference == "adapter"
     method, config, model_args, data_args, rollout = parse_recipe(os.path.join(REPO, "recipes", "sft_tiny.yaml"))
     assert method == "sft" and data_args.train_data == "synthetic:arithmetic_sft" and config.output_dir == "outputs/sft_tiny"
+
+
+def test_first_pit_dpo_with_precomputed_reference_matches_the_live_reference(tiny_model_path, tokenizer, tmp_path):
+    """reference='precomputed' caches the reference log-probs of the per-step pairs (the trainer's own record
+    cache key must not shadow the base class's reference-cache fingerprint)."""
+    live = PerStepTrainer(load_tiny(tiny_model_path), _config(tmp_path / "live", mode="first_pit_dpo", max_steps=2),
+                          train_dataset=_records(), processing_class=tokenizer)
+    pre = PerStepTrainer(load_tiny(tiny_model_path),
+                         _config(tmp_path / "pre", mode="first_pit_dpo", max_steps=2, reference="precomputed"),
+                         train_dataset=_records(), processing_class=tokenizer)
+    live.train()
+    pre.train()
+    assert "ref_logps" in pre.train_dataset.column_names
+    first = [h["loss/dpo"] for h in (live.state.log_history[0], pre.state.log_history[0])]
+    assert first[0] == pytest.approx(first[1], abs=1e-5)
+    assert first[0] == pytest.approx(0.6931, abs=1e-3)

@@ -343,7 +343,7 @@ class PerStepTrainer(AlignTrainer):
 
     # -------------------------------------------------------------------------------------- building
 
-    def _fingerprint(self, problems: list[dict], name: str) -> tuple[str, dict]:
+    def _records_fingerprint(self, problems: list[dict], name: str) -> tuple[str, dict]:
         from alignkit.reference_samples import (
             model_identity,
             prompt_key,
@@ -380,7 +380,7 @@ class PerStepTrainer(AlignTrainer):
         from alignkit.perstep_pipeline import build_perstep_records
         from alignkit.reference_samples import on_main_process
 
-        fingerprint, key = self._fingerprint(problems, name)
+        fingerprint, key = self._records_fingerprint(problems, name)
         directory = Path(self.args.records_cache_dir or os.path.join(self.args.output_dir, "perstep_records"))
         path = directory / f"{name}-{fingerprint}.jsonl"
 
