@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from alignkit.data.loading import read_json_lines
 from alignkit.negatives import RolloutStats, sample_rollouts, verify_rollouts, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def run_onpolicy_rounds(
                 logger.info("round %d rollouts:\n%s\n%d training records", r, stats.format(), len(records))
             state_.wait_for_everyone()
         rollout_stats = json.loads((round_dir / "rollout_stats.json").read_text())
-        records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+        records = [row for _, row in read_json_lines(records_path)]
         if not records:
             logger.warning("round %d: no training records (all prompts all-right or no fallback); skipping", r)
         else:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.data.loading import read_json_lines
 from alignkit.negatives import write_jsonl
 from alignkit.rollout.base import Prompt, RolloutEngine, SamplingConfig
 
@@ -132,7 +133,7 @@ class SamplesCache:
         path = self.path(name, fingerprint)
         if not path.exists():
             return None
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [row for _, row in read_json_lines(path)]
         if len(rows) != len(prompts) or any(prompt_key(r["prompt"]) != prompt_key(p) for r, p in zip(rows, prompts)):
             logger.warning("%s does not match its prompts; sampling again", path)
             return None

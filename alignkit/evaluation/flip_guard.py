@@ -204,29 +204,16 @@ class FlipGuardCallback(TrainerCallback):
 
     def evaluate(self, model, tokenizer=None) -> list[bool]:
         """Per-item correctness of ``model``'s greedy answers (every process gets the same list)."""
-        from accelerate import PartialState
-        from accelerate.utils import broadcast_object_list, gather_object
-
+        from alignkit.reference_samples import on_main_process, sample_texts
         from alignkit.rollout.base import SamplingConfig
 
         engine = self._engine(model, tokenizer if tokenizer is not None else self.tokenizer)
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0, logprobs=False)
-        prompts = [p["prompt"] for p in self.problems]
-        state = PartialState()
-        if state.num_processes == 1:
-            texts = [group[0].text for group in engine.generate(prompts, n=1, sampling=sampling)]
-        else:
-            with state.split_between_processes(list(range(len(prompts)))) as mine:
-                share = engine.generate([prompts[i] for i in mine], n=1, sampling=sampling) if mine else []
-                texts = gather_object([g[0].text for g in share])
-        box = [None]
-        if state.is_main_process:
-            verdicts = self._verifier().verify_batch(self.problems, texts, num_workers=self.verifier_num_workers)
-            box = [[bool(v.correct) for v in verdicts]]
-        if state.num_processes > 1:
-            broadcast_object_list(box, from_process=0)
+        texts = [group[0] for group in sample_texts(engine, [p["prompt"] for p in self.problems], 1, sampling)]
         self._texts = texts
-        return box[0]
+        return on_main_process(lambda: [
+            bool(v.correct) for v in self._verifier().verify_batch(self.problems, texts, num_workers=self.verifier_num_workers)
+        ])
 
     # ----------------------------------------------------------------------------------- callbacks
 

@@ -51,7 +51,7 @@ from torch.utils.data import Dataset as TorchDataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from alignkit.data.loading import load_records
+from alignkit.data.loading import load_records, read_json_lines
 from alignkit.data.records import RecordError, message_text
 from alignkit.data.tokenize import tokenize_group
 from alignkit.losses import d2o_loss
@@ -409,7 +409,7 @@ class D2OTrainer(AlignTrainer):
         def read():
             if not path.exists():
                 return None
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [row for _, row in read_json_lines(path)]
 
         rows = on_main_process(read)
         if rows is None:  # re-sample once the checkpoint's weights are loaded (on_train_begin)

@@ -55,6 +55,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from alignkit.data.loading import read_json_lines
 from alignkit.data.records import (
     RecordError,
     _check_prompt,
@@ -68,7 +69,7 @@ from alignkit.data.tokenize import (
     tokenize_group,
 )
 from alignkit.losses import DPO_LOSS_TYPES, advantage_weighted_loss
-from alignkit.steps import first_pit, segment_steps
+from alignkit.steps import advantages, first_pit, split_steps
 from alignkit.trainers.base import AlignConfig, AlignTrainer
 from alignkit.trainers.dpo import pair_dpo_loss
 
@@ -133,7 +134,7 @@ def validate_perstep_record(record, *, source: str, row: int, split="newline", n
         raise RecordError(source, row, "response", "expected non-empty text")
     steps = record.get("steps")
     if steps is None:
-        steps = [response[a:b] for a, b in segment_steps(response, split)]
+        steps = split_steps(response, split)
     else:
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
             raise RecordError(source, row, "steps", "expected a non-empty list of texts")
@@ -293,7 +294,7 @@ class PerStepTrainer(AlignTrainer):
                     continue
                 out.append({"prompt": r["prompt"], "chosen": message_text(r["chosen"]), "steps": steps, "pit": pit})
             else:
-                adv = [args.advantage_scale * (b - a) for a, b in zip(r["values"], r["values"][1:])]
+                adv = [args.advantage_scale * a for a in advantages(r["values"])]
                 chosen = r.get("chosen") if args.positive_weight > 0 else None
                 out.append({"prompt": r["prompt"], "chosen": None if chosen is None else message_text(chosen),
                             "steps": steps, "weights": adv})
@@ -387,7 +388,7 @@ class PerStepTrainer(AlignTrainer):
         def load_or_build():
             if path.exists():
                 logger.info("per-step %s: records from %s", name, path)
-                return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                return [row for _, row in read_json_lines(path)]
             model = self.accelerator.unwrap_model(self.ref_model if self.ref_model is not None else self.model)
             engine = self._engine if self._engine is not None else self.rollout_args.engine(model, self.tokenizer)
             if self._engine is not None:
