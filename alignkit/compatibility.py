@@ -133,7 +133,7 @@ def compat_records(
     (``prompt``, ``response``, plus ``answer`` when the problem has one), and the verified rollout rows
     too with ``return_rows=True``.
     """
-    from alignkit.negatives import sample_rollouts, verify_rollouts
+    from alignkit.negatives import distinct_completions, sample_rollouts, verify_rollouts
     from alignkit.rollout.base import SamplingConfig
 
     if response not in ("self", "gold"):
@@ -142,7 +142,7 @@ def compat_records(
     rows = verify_rollouts(sample_rollouts(engine, list(problems), n, sampling, keep_token_data=False), verifier)
     records = []
     for row in rows:
-        right = [c["text"] for c in row["completions"] if c.get("correct") and c["text"].strip()]
+        right = [c["text"] for c in distinct_completions(c for c in row["completions"] if c.get("correct"))]
         if not right:
             continue
         extra = {"answer": row["answer"]} if "answer" in row else {}
@@ -151,7 +151,7 @@ def compat_records(
                 raise ValueError("response='gold' needs a 'solution' in every problem the old model got right")
             records.append({"prompt": row["prompt"], "response": row["solution"], **extra})
             continue
-        for text in list(dict.fromkeys(right))[:per_prompt]:
+        for text in right[:per_prompt]:
             records.append({"prompt": row["prompt"], "response": text, **extra})
     logger.info("compatibility records: the old model got %d of %d items right",
                 sum(any(c.get("correct") for c in r["completions"]) for r in rows), len(rows))

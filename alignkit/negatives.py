@@ -165,7 +165,8 @@ class RolloutStats:
 # ------------------------------------------------------------------------------------ records
 
 
-def _distinct(completions: Iterable[dict]) -> list[dict]:
+def distinct_completions(completions: Iterable[dict]) -> list[dict]:
+    """The completions with non-blank, distinct texts, first occurrence kept, in order."""
     seen, out = set(), []
     for c in completions:
         if c["text"].strip() and c["text"] not in seen:
@@ -200,8 +201,8 @@ def preference_pairs(
     rng = random.Random(seed)
     out = []
     for row in rows:
-        wrong = _distinct(c for c in row["completions"] if not c["correct"])
-        right = _distinct(c for c in row["completions"] if c["correct"])
+        wrong = distinct_completions(c for c in row["completions"] if not c["correct"])
+        right = distinct_completions(c for c in row["completions"] if c["correct"])
         if not wrong:
             continue
         rng.shuffle(wrong)
@@ -233,7 +234,7 @@ def negative_records(
     _require_verdicts(rows)
     out = []
     for row in rows:
-        wrong = _distinct(c for c in row["completions"] if not c["correct"])[:max_per_prompt]
+        wrong = distinct_completions(c for c in row["completions"] if not c["correct"])[:max_per_prompt]
         base = _carry(row, (prompt_field, "rejected", "samples"))
         for c in wrong:
             record = {**base, "prompt": row[prompt_field], "rejected": c["text"]}

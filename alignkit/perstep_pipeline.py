@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from alignkit.negatives import RolloutStats, sample_rollouts, verify_rollouts
+from alignkit.negatives import RolloutStats, distinct_completions, sample_rollouts, verify_rollouts
 from alignkit.rollout.base import RolloutEngine, SamplingConfig
 from alignkit.steps import StepValueCost, estimate_step_values, first_pit
 
@@ -55,14 +55,9 @@ def build_perstep_records(
     logger.info("per-step records: on-policy samples\n%s", stats.format())
     negatives, owners, chosen = [], [], []
     for row in rows:
-        wrong, right, seen = [], [], set()
-        for c in row["completions"]:
-            text = c["text"]
-            if not text.strip() or text in seen:
-                continue
-            seen.add(text)
-            (right if c["correct"] else wrong).append(text)
-        wrong = wrong[:negatives_per_problem]
+        distinct = distinct_completions(row["completions"])
+        right = [c["text"] for c in distinct if c["correct"]]
+        wrong = [c["text"] for c in distinct if not c["correct"]][:negatives_per_problem]
         for k, text in enumerate(wrong):
             negatives.append(text)
             owners.append(row)

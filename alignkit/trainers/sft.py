@@ -49,14 +49,10 @@ def rft_records(verified_rows, per_prompt: int | None = None) -> list[dict]:
     """Rejection-sampling fine-tuning data: the distinct verified-correct completions of each prompt
     (at most ``per_prompt``) as SFT records. ``verified_rows`` come from
     :func:`alignkit.negatives.verify_rollouts`."""
-    out = []
-    for row in verified_rows:
-        seen = set()
-        for c in row["completions"]:
-            text = c["text"]
-            if c.get("correct") and text.strip() and text not in seen:
-                seen.add(text)
-                out.append({"prompt": row["prompt"], "response": text})
-                if per_prompt is not None and len(seen) >= per_prompt:
-                    break
-    return out
+    from alignkit.negatives import distinct_completions
+
+    return [
+        {"prompt": row["prompt"], "response": c["text"]}
+        for row in verified_rows
+        for c in distinct_completions(c for c in row["completions"] if c.get("correct"))[:per_prompt]
+    ]
