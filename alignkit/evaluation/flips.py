@@ -234,13 +234,12 @@ def flip_count_bootstrap(
     chg = None if changed is None else _bool_array(changed, "changed")
     if chg is not None and chg.shape != old.shape:
         raise ValueError("changed must cover the same items as the correctness arrays")
-    # categories: 0 kept right, 1 positive flip, 2/3 negative flip (changed / same), 4/5 kept wrong (changed / same)
-    key = old.view(np.uint8) | (new.view(np.uint8) << 1)  # 0 kept wrong, 1 negative, 2 positive, 3 kept right
+    # key bits: 1 old right, 2 new right, 4 prediction changed (only with ``changed``; else NFR_mc is not
+    # reported): 0 kept wrong, 1 negative flip, 2 positive flip, 3 kept right, each + 4 when changed
+    key = old.view(np.uint8) | (new.view(np.uint8) << 1)
     if chg is not None:
         key = key | (chg.view(np.uint8) << 2)
     by_key = np.bincount(key, minlength=8)
-    if chg is None:  # all counted as unchanged; NFR_mc is not reported
-        by_key[:4], by_key[4:] = by_key[:4], 0
     counts = np.array([
         by_key[3] + by_key[7], by_key[2] + by_key[6], by_key[5], by_key[1], by_key[4], by_key[0],
     ])
