@@ -108,7 +108,7 @@ def _rollout(argv: list[str]) -> int:
 
     import time
 
-    from alignkit.modeling import ModelArguments, load_model_and_tokenizer, load_tokenizer, resolve_model_path
+    from alignkit.modeling import load_for_generation, load_tokenizer, resolve_model_path
     from alignkit.negatives import sample_rollouts, write_jsonl
     from alignkit.rollout import make_engine
     from alignkit.rollout.base import SamplingConfig
@@ -118,15 +118,7 @@ def _rollout(argv: list[str]) -> int:
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens, stop=a.stop, seed=a.seed
     )
     if a.backend == "hf":
-        model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=a.model, dtype=a.dtype))
-        if a.adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, a.adapter)
-        import torch
-
-        if torch.cuda.is_available():
-            model = model.to("cuda")
+        model, tokenizer = load_for_generation(a.model, a.adapter, a.dtype)
         engine = make_engine("hf", model, tokenizer, batch_size=a.batch_size)
     elif a.backend == "vllm":
         tokenizer = load_tokenizer(resolve_model_path(a.model))
@@ -176,17 +168,13 @@ def _verify(argv: list[str]) -> int:
 
     from alignkit.negatives import RolloutStats, negative_records, preference_pairs, read_rollouts, verify_rollouts, write_jsonl
     from alignkit.verifiers import get_verifier
+    from alignkit.verifiers.base import parse_verifier_options
 
     rows = read_rollouts(a.input)
-    options = {}
-    for item in a.verifier_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--verifier_option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    try:
+        options = parse_verifier_options(a.verifier_option)
+    except ValueError as e:
+        parser.error(str(e))
     verifier = get_verifier(a.verifier, timeout=a.timeout, num_workers=a.num_workers, **options)
     start = time.perf_counter()
     rows = verify_rollouts(rows, verifier, num_workers=a.num_workers, source=a.input)

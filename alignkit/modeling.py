@@ -193,6 +193,19 @@ def _tiny_config(arch: str, vocab_size: int, hidden_size: int, num_layers: int, 
     raise ValueError(f"unknown tiny architecture {arch!r}; use 'qwen2' or 'llama'")
 
 
+def load_for_generation(name: str, adapter: str | None = None, dtype: str = "auto"):
+    """A model and tokenizer to sample or evaluate with: ``name`` loaded as in training, an optional LoRA
+    ``adapter`` directory on top, moved to the GPU when there is one."""
+    model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=name, dtype=dtype))
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tokenizer
+
+
 def make_tiny_model(
     path: str | os.PathLike,
     arch: str = "qwen2",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -31,16 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 def _options(parser: argparse.ArgumentParser, items: list[str]) -> dict:
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--verifier_option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+    from alignkit.verifiers.base import parse_verifier_options
+
+    try:
+        return parse_verifier_options(items)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,29 +82,13 @@ def _suite(parser, a, options: dict):
     return suite
 
 
-def _load_model(name: str, adapter: str | None, dtype: str):
-    from alignkit.modeling import ModelArguments, load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=name, dtype=dtype))
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    import torch
-
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model, tokenizer
-
-
 def _predict(suite, name: str, adapter: str | None, dtype: str, problems, num_workers) -> list[dict]:
     from alignkit.evaluation.suites import run_suite
 
-    model, tokenizer = _load_model(name, adapter, dtype)
-    try:
-        return run_suite(suite, model, tokenizer, problems=problems, num_workers=num_workers)
-    finally:
-        del model
+    from alignkit.modeling import load_for_generation
+
+    model, tokenizer = load_for_generation(name, adapter, dtype)
+    return run_suite(suite, model, tokenizer, problems=problems, num_workers=num_workers)
 
 
 # ------------------------------------------------------------------------------------ flips

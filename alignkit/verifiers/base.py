@@ -22,6 +22,7 @@ big-integer power, say) runs to its end before the timeout is raised.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import numbers
@@ -275,6 +276,21 @@ def get_verifier(name: str, **kwargs) -> Verifier:
             "register a check function fn(problem, completion) or a factory returning a Verifier"
         )
     return verifier
+
+
+def parse_verifier_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` command-line settings of a verifier (values parsed as JSON when they can be);
+    ``ValueError`` for an item without a key or ``=``."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--verifier_option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def registered_verifiers() -> list[str]:
