@@ -118,6 +118,19 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
     return text[:best], which
 
 
+def stop_token_end(tokenizer, tokens: Sequence[int], stop: str) -> int:
+    """Number of leading ``tokens`` whose decoding first contains ``stop`` (binary search on prefixes): the
+    generated tokens to keep when a stop string ends a completion."""
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if stop in tokenizer.decode(tokens[:mid], skip_special_tokens=True):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def check_generate_args(prompts, n: int) -> None:
     if isinstance(prompts, (str, dict)):
         raise TypeError("prompts must be a list of prompts (wrap a single prompt in a list)")

@@ -32,6 +32,7 @@ from alignkit.rollout.base import (
     check_generate_args,
     cut_at_stop,
     prompt_token_ids,
+    stop_token_end,
 )
 
 logger = logging.getLogger(__name__)
@@ -163,21 +164,10 @@ class HFEngine:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             cut, which = cut_at_stop(text, sampling.stop)
             if which is not None:
-                k = self._stop_position(tokens, which)
-                return Completion(cut, tokens[: k + 1], finish_reason="stop", stop_string=which)
+                end = stop_token_end(self.tokenizer, tokens, which)
+                return Completion(cut, tokens[:end], finish_reason="stop", stop_string=which)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return Completion(text, tokens, finish_reason="length")
-
-    def _stop_position(self, tokens: list[int], stop: str) -> int:
-        """Index of the token whose decoding first contains ``stop`` (binary search on prefixes)."""
-        lo, hi = 0, len(tokens) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if stop in self.tokenizer.decode(tokens[: mid + 1], skip_special_tokens=True):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
 
     def _add_logprobs(self, model, prompt_ids, completions: list[Completion], device) -> None:
         """Raw log π of every generated token, by one teacher-forced forward (left-padded rows)."""

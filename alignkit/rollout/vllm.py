@@ -60,6 +60,7 @@ from alignkit.rollout.base import (
     check_generate_args,
     cut_at_stop,
     prompt_token_ids,
+    stop_token_end,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,18 +158,6 @@ def save_adapter(model, directory: str) -> str:
     return path
 
 
-def _stop_end(tokenizer, tokens: list[int], stop: str) -> int:
-    """Number of leading tokens whose decoding first contains ``stop`` (binary search on prefixes)."""
-    lo, hi = 1, len(tokens)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if stop in tokenizer.decode(tokens[:mid], skip_special_tokens=True):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
 def finish_completion(
     tokenizer,
     token_ids: Sequence[int],
@@ -200,7 +189,7 @@ def finish_completion(
     decoded = tokenizer.decode(tokens, skip_special_tokens=True)
     cut, which = cut_at_stop(decoded, sampling.stop)
     if which is not None:
-        end = _stop_end(tokenizer, tokens, which)
+        end = stop_token_end(tokenizer, tokens, which)
         tokens = tokens[:end]
         logprobs = None if logprobs is None else logprobs[:end]
         return Completion(cut, tokens, logprobs, "stop", which)
