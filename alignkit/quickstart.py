@@ -72,17 +72,14 @@ def evaluate_problems(model, tokenizer, problems: list[dict], verifier, batch_si
     ]
 
 
-def _accuracy(predictions: list[dict]) -> float:
-    return sum(p["correct"] for p in predictions) / max(len(predictions), 1)
-
-
 def _evaluate_and_save(model, tokenizer, problems: list[dict], verifier, path: Path) -> list[dict]:
     """:func:`evaluate_problems`, written to ``path`` (JSONL), accuracy printed."""
+    from alignkit.evaluation.suites import accuracy
     from alignkit.negatives import write_jsonl
 
     predictions = evaluate_problems(model, tokenizer, problems, verifier)
     write_jsonl(predictions, path)
-    print(f"      accuracy {_accuracy(predictions):.1%} -> {path}")
+    print(f"      accuracy {accuracy(predictions):.1%} -> {path}")
     return predictions
 
 
@@ -143,7 +140,7 @@ def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartS
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from alignkit.evaluation.flip_report import flip_report, format_summary, write_report
-    from alignkit.evaluation.flips import flip_metrics
+    from alignkit.evaluation.suites import accuracy
     from alignkit.modeling import make_tiny_model
     from alignkit.tasks.arithmetic import make_problems
     from alignkit.trainers import SFTConfig, SFTTrainer
@@ -207,13 +204,12 @@ def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartS
     paths = write_report(report, out / "flip_report", show=20)
     print("\n".join("      " + line for line in format_summary(report).splitlines()))
     print(f"      -> {', '.join(str(p) for p in paths.values())}")
-    metrics = flip_metrics([p["correct"] for p in old], [p["correct"] for p in new])
     timings["total"] = round(time.perf_counter() - started, 1)
     summary = {
         "settings": asdict(s),
-        "accuracy": {"sft": _accuracy(old), "after_negatives": _accuracy(new)},
+        "accuracy": {"sft": accuracy(old), "after_negatives": accuracy(new)},
         "update": {"method": s.update, **update_stats},
-        "flips": metrics.to_dict(),
+        "flips": {k: v for k, v in report.summary["discrete"].items() if k not in ("counts", "ci", "mcnemar")},
         "flip_report": str(paths["markdown"]),
         "seconds": timings,
         "models": {"sft": sft_config.output_dir, "updated": updated_dir},
