@@ -189,17 +189,7 @@ def mcnemar_test(old_correct, new_correct) -> dict:
     """
     old = _bool_array(old_correct, "old_correct")
     new = _bool_array(new_correct, "new_correct")
-    b = int(np.count_nonzero(old & ~new))
-    c = int(np.count_nonzero(~old & new))
-    m = b + c
-    if m == 0:
-        return {"negative_flips": 0, "positive_flips": 0, "p_value": 1.0}
-    k = min(b, c)
-    # P(X <= k) for X ~ Binomial(m, 1/2), in log space to stay exact for large m
-    logs = [math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) - m * math.log(2) for i in range(k + 1)]
-    top = max(logs)
-    tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
-    return {"negative_flips": b, "positive_flips": c, "p_value": min(1.0, 2 * tail)}
+    return mcnemar_from_counts(np.count_nonzero(old & ~new), np.count_nonzero(~old & new))
 
 
 # ------------------------------------------------------------------------------------ large-n forms
@@ -330,9 +320,8 @@ def _normal_quantile(p: float) -> float:
 
 
 def mcnemar_from_counts(negative_flips: int, positive_flips: int) -> dict:
-    """:func:`mcnemar_test` from the two discordant counts, vectorised (fast for millions of flips).
-
-    Same exact two-sided binomial test: p = min(1, 2·P(X ≤ min(b, c))), X ~ Binomial(b + c, ½).
+    """:func:`mcnemar_test` from the two discordant counts b (negative) and c (positive flips), vectorised
+    (fast for millions of flips): p = min(1, 2·P(X ≤ min(b, c))), X ~ Binomial(b + c, ½), in log space.
     """
     b, c = int(negative_flips), int(positive_flips)
     m = b + c
