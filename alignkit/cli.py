@@ -76,7 +76,8 @@ def _load_prompts(source: str, limit: int | None) -> list[dict]:
         from alignkit.recipes import DataArguments, load_data
 
         size = limit or 64
-        return list(load_data(source, DataArguments(synthetic_train_size=size), "problems", train=True))
+        data = load_data(source, DataArguments(synthetic_train_size=size), "problems", train=True)
+        return data.to_list() if hasattr(data, "to_list") else list(data)
     from alignkit.negatives import read_prompt_rows
 
     rows = read_prompt_rows(source)
@@ -98,18 +99,21 @@ def _rollout(argv: list[str]) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=32, help="hf: sequences generated together")
+    parser.add_argument("--batch_size", type=int, help="hf: rows decoded together (default: chosen from memory)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--base_url", default="http://localhost:8000", help="server backend URL")
     parser.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vllm backend")
     parser.add_argument("--tensor_parallel_size", type=int, default=1, help="vllm backend")
     parser.add_argument("--no_token_data", action="store_true", help="do not store token ids and log-probs")
+    parser.add_argument("--chat", default="auto",
+                        help="text prompts as chat messages: auto (when the tokenizer has a chat template), true, false")
+    parser.add_argument("--system_prompt", help="with chat: a system message put first in every prompt")
     a = parser.parse_args(argv)
 
     import time
 
     from alignkit.modeling import load_for_generation, load_tokenizer, resolve_model_path
-    from alignkit.negatives import sample_rollouts, write_jsonl
+    from alignkit.negatives import completion_warnings, sample_rollouts, write_jsonl
     from alignkit.rollout import make_engine
     from alignkit.rollout.base import SamplingConfig
 
@@ -131,16 +135,25 @@ def _rollout(argv: list[str]) -> int:
         tokenizer = load_tokenizer(resolve_model_path(a.model))
         engine = make_engine("server", None, tokenizer, base_url=a.base_url)
         engine.wait_until_ready(timeout=60)
+    from alignkit.data.prompts import format_records
+
+    try:
+        problems = format_records(problems, tokenizer, a.chat, a.system_prompt)
+    except ValueError as e:
+        parser.error(str(e))
     start = time.perf_counter()
     rows = sample_rollouts(engine, problems, a.n, sampling, keep_token_data=not a.no_token_data)
     seconds = time.perf_counter() - start
     write_jsonl(rows, a.out)
-    tokens = sum(len(c.get("token_ids") or []) for r in rows for c in r["completions"])
+    completion_warnings(rows, where=a.out)
+    stats = getattr(engine, "last_stats", None)  # hf: tokens decoded (including rows already ended) vs kept
+    tokens = stats.kept_tokens if stats is not None else sum(len(c.get("token_ids") or []) for r in rows for c in r["completions"])
     finished = sum(c["finish_reason"] == "stop" for r in rows for c in r["completions"])
     total = len(rows) * a.n
     print(
-        f"{len(rows)} prompts x {a.n} = {total} completions in {seconds:.1f}s"
-        + (f", {tokens} tokens ({tokens / seconds:.0f} tok/s)" if tokens else "")
+        f"{len(rows)} prompts x {a.n} = {total} completions in {seconds:.1f}s ({total / seconds:.3g} completions/s)"
+        + (f", {tokens} tokens kept ({tokens / seconds:.3g} tok/s)" if tokens else "")
+        + (f" of {stats.generated_tokens} generated in {stats.decode_steps} decode steps" if stats is not None else "")
         + f"; {finished} stopped, {total - finished} hit max_new_tokens -> {a.out}"
     )
     return 0
@@ -166,11 +179,14 @@ def _verify(argv: list[str]) -> int:
     import json
     import time
 
-    from alignkit.negatives import RolloutStats, negative_records, preference_pairs, read_rollouts, verify_rollouts, write_jsonl
+    from alignkit.negatives import (
+        RolloutStats, completion_warnings, negative_records, preference_pairs, read_rollouts, verify_rollouts, write_jsonl,
+    )
     from alignkit.verifiers import get_verifier
     from alignkit.verifiers.base import parse_verifier_options
 
     rows = read_rollouts(a.input)
+    completion_warnings(rows, where=a.input)
     try:
         options = parse_verifier_options(a.verifier_option)
     except ValueError as e:

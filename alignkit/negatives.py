@@ -18,6 +18,7 @@ JSON Lines (:func:`write_jsonl`, :func:`read_rollouts`), so ``alignkit rollout``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -30,6 +31,8 @@ from typing import Iterable, Sequence
 from alignkit.data.records import RecordError, is_conversational
 from alignkit.rollout.base import RolloutEngine, SamplingConfig
 from alignkit.verifiers.base import Verifier
+
+logger = logging.getLogger(__name__)
 
 VERDICT_FIELDS = ("correct", "score", "reason")
 
@@ -158,8 +161,33 @@ class RolloutStats:
             lines.append("why incorrect: " + ", ".join(f"{k} {v}" for k, v in self.reasons.items()))
         if self.seconds is not None:
             rate = self.completions / self.seconds if self.seconds > 0 else float("inf")
-            lines.append(f"time {self.seconds:.2f}s ({rate:.0f} completions/s)")
+            lines.append(f"time {self.seconds:.2f}s ({rate:.3g} completions/s)")  # .3g: 0.4/s is not "0/s"
         return "\n".join(lines)
+
+
+DEGENERATE_SHARE = 0.5  # warn when more than this share of completions is empty or cut at the length limit
+
+
+def completion_warnings(rows: Sequence[dict], where: str = "rollouts") -> list[str]:
+    """Loud warnings for rollouts that cannot be judged fairly: most completions empty (typically a raw-text
+    prompt sent to an instruct model, which ends its turn at once) or most cut at ``max_new_tokens``.
+    Logged at WARNING level and returned (empty list when the rollouts look sane)."""
+    completions = [c for row in rows for c in row.get("completions", [])]
+    total = len(completions)
+    if not total:
+        return []
+    empty = sum(not str(c.get("text", "")).strip() for c in completions)
+    cut = sum(c.get("finish_reason") == "length" for c in completions)
+    out = []
+    if empty > DEGENERATE_SHARE * total:
+        out.append(f"{where}: {empty} of {total} completions are empty: the model ended its answer at once. "
+                   "An instruct model given a raw-text prompt does this; send chat prompts (chat: auto/true).")
+    if cut > DEGENERATE_SHARE * total:
+        out.append(f"{where}: {cut} of {total} completions stopped at max_new_tokens, so their final answers are "
+                   "missing; raise max_new_tokens or check the stop/end-of-turn token.")
+    for message in out:
+        logger.warning(message)
+    return out
 
 
 # ------------------------------------------------------------------------------------ records

@@ -46,7 +46,9 @@ class DataArguments:
         default="synthetic:arithmetic_pairs",
         metadata={
             "help": "JSONL/Parquet path, save_to_disk dir, hub id, synthetic:arithmetic_pairs, "
-            "synthetic:arithmetic_problems, gsm8k:<path or hub id> (GSM8K format as problems), champ, "
+            "synthetic:arithmetic_problems, synthetic:arithmetic_sft, synthetic:arithmetic_chat_problems / "
+            "_sft / _pairs (the chat task for real instruct models; eval sources draw from its held-out part), "
+            "gsm8k:<path or hub id> (GSM8K format as problems), champ, "
             "synthetic:tofu_forgetNN / synthetic:tofu_retainMM (alignkit.tasks.synthetic_tofu) or "
             "tofu:<split> (TOFU-format data from tofu_data, e.g. tofu:forget10)."
         },
@@ -65,6 +67,19 @@ class DataArguments:
     synthetic_train_size: int = 512
     synthetic_eval_size: int = 64
     synthetic_seed: int = 0
+    chat: str = field(
+        default="auto",
+        metadata={"help": "Text prompts as chat messages: auto (when the tokenizer has a chat template), true, or "
+                          "false (raw text, e.g. for models trained on raw text). See alignkit.data.prompts."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "With chat: a system message put first in every prompt that has none."}
+    )
+
+    def __post_init__(self):
+        from alignkit.data.prompts import chat_mode
+
+        self.chat = chat_mode(self.chat)
 
 
 def method_classes(method: str):
@@ -99,9 +114,27 @@ def parse_recipe(path: str | Path | None, overrides: list[str] | None = None, me
     return method, config, model_args, data_args, rollout_args
 
 
-def load_data(source: str | None, data_args: DataArguments, kind: str, *, train: bool):
+def load_data(source: str | None, data_args: DataArguments, kind: str, *, train: bool, tokenizer=None):
     """Records for a trainer: a local path as is (so errors name the file), generated synthetic
-    records, or a hub dataset loaded with its split and configuration."""
+    records, or a hub dataset loaded with its split and configuration.
+
+    With a ``tokenizer``, text prompts become chat messages as ``data_args.chat`` / ``system_prompt`` say
+    (:mod:`alignkit.data.prompts`; a local file is then loaded and validated here)."""
+    records = _load_source(source, data_args, kind, train=train)
+    if records is None or tokenizer is None:
+        return records
+    from alignkit.data.prompts import format_records, use_chat
+
+    if not use_chat(tokenizer, data_args.chat):
+        return records
+    if isinstance(records, (str, Path)):
+        from alignkit.data.loading import load_records
+
+        records = load_records(str(records), kind)
+    return format_records(records, tokenizer, data_args.chat, data_args.system_prompt)
+
+
+def _load_source(source: str | None, data_args: DataArguments, kind: str, *, train: bool):
     if source is None:
         return None
     if source.startswith(SYNTHETIC_PREFIX):
@@ -118,6 +151,16 @@ def load_data(source: str | None, data_args: DataArguments, kind: str, *, train:
             from alignkit.trainers.sft import sft_records
 
             return sft_records(arithmetic.make_problems(size, seed=seed))
+        if name.startswith("arithmetic_chat_"):  # the chat task: train / held-out parts never overlap
+            split = "train" if train else "heldout"
+            if name == "arithmetic_chat_problems":
+                return arithmetic.make_chat_problems(size, seed=seed, split=split)
+            if name == "arithmetic_chat_sft":
+                from alignkit.trainers.sft import sft_records
+
+                return sft_records(arithmetic.make_chat_problems(size, seed=seed, split=split))
+            if name == "arithmetic_chat_pairs":
+                return arithmetic.make_chat_preference_pairs(size, seed=seed, split=split)
         if name == "negative_class":  # negatives records: training prompts to train, held-out prompts to eval
             from alignkit.tasks import negative_class
 
@@ -130,7 +173,8 @@ def load_data(source: str | None, data_args: DataArguments, kind: str, *, train:
             return synthetic_tofu.records(name[len("tofu_") :], spec)
         raise ValueError(
             f"unknown synthetic dataset {name!r}; available: arithmetic_pairs, arithmetic_problems, arithmetic_sft, "
-            "tofu_forgetNN, tofu_retainMM"
+            "arithmetic_chat_problems, arithmetic_chat_sft, arithmetic_chat_pairs, negative_class, tofu_forgetNN, "
+            "tofu_retainMM"
         )
     if source.startswith("tofu:"):
         from alignkit.tasks.tofu import load_tofu_records
@@ -183,7 +227,7 @@ def run_onpolicy_recipe(method, config, model_args, data_args, rollout_args):
     peft_config = lora_config(model_args)
     if peft_config is not None:  # attach once: the engine and every round's trainer share the adapter
         model = get_peft_model(model, peft_config)
-    problems = _records_list(load_data(data_args.train_data, data_args, "problems", train=True))
+    problems = _records_list(load_data(data_args.train_data, data_args, "problems", train=True, tokenizer=tokenizer))
     trainer, model = run_onpolicy_rounds(
         trainer_cls=trainer_cls,
         config=config,
@@ -192,7 +236,7 @@ def run_onpolicy_recipe(method, config, model_args, data_args, rollout_args):
         problems=problems,
         rollout_args=rollout_args,
         build_records=lambda rows: trainer_cls.onpolicy_records(config, rows),
-        eval_dataset=load_data(data_args.eval_data, data_args, trainer_cls.record_kind, train=False),
+        eval_dataset=load_data(data_args.eval_data, data_args, trainer_cls.record_kind, train=False, tokenizer=tokenizer),
         resume=str(config.resume_from_checkpoint).lower() not in ("none", "false", ""),
     )
     if trainer is not None:
@@ -211,19 +255,20 @@ def run_recipe(method, config, model_args, data_args, rollout_args=None):
     if getattr(config, "onpolicy_rounds", 0):
         return run_onpolicy_recipe(method, config, model_args, data_args, rollout_args or RolloutArguments())
     extra = {}
-    if data_args.retain_data is not None:
-        if not getattr(trainer_cls, "uses_retain_data", False):
-            raise ValueError(f"retain_data is for unlearning methods (npo); method {method!r} does not use it")
-        extra["retain_dataset"] = load_data(data_args.retain_data, data_args, trainer_cls.record_kind, train=True)
+    if data_args.retain_data is not None and not getattr(trainer_cls, "uses_retain_data", False):
+        raise ValueError(f"retain_data is for unlearning methods (npo); method {method!r} does not use it")
     if getattr(trainer_cls, "uses_rollout_args", False):  # methods that sample (D2O reference samples)
         extra["rollout_args"] = rollout_args or RolloutArguments()
     model, tokenizer = load_model_and_tokenizer(model_args)
+    kind = trainer_cls.record_kind
+    if data_args.retain_data is not None:
+        extra["retain_dataset"] = load_data(data_args.retain_data, data_args, kind, train=True, tokenizer=tokenizer)
 
     trainer = trainer_cls(
         model=model,
         args=config,
-        train_dataset=load_data(data_args.train_data, data_args, trainer_cls.record_kind, train=True),
-        eval_dataset=load_data(data_args.eval_data, data_args, trainer_cls.record_kind, train=False),
+        train_dataset=load_data(data_args.train_data, data_args, kind, train=True, tokenizer=tokenizer),
+        eval_dataset=load_data(data_args.eval_data, data_args, kind, train=False, tokenizer=tokenizer),
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
         **extra,

@@ -115,7 +115,7 @@ class AnswerEvenIds:
 
 
 def test_run_suite_with_a_fake_engine():
-    suite = suite_from_dict({"data": "synthetic:arithmetic_problems", "limit": 6})
+    suite = suite_from_dict({"data": "synthetic:arithmetic_problems", "limit": 6, "chat": False})
     problems = suite_problems(suite)
     rows = run_suite(suite, engine=AnswerEvenIds(problems), num_workers=1)
     assert [r["id"] for r in rows] == list(range(6))

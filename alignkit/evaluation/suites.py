@@ -13,7 +13,8 @@ A suite (``evals/*.yaml``) is a flat mapping::
     synthetic_seed: 0
     limit: null                            # only the first N items
     template: null                         # e.g. "Question: {prompt}\\nAnswer:" (str.format over the record)
-    chat: false                            # send the (templated) prompt as one user message
+    chat: auto                             # a text prompt as a user message when the tokenizer has a chat
+                                           #   template (true: always, false: raw text)
     system: null                           # with chat: a system message before it
     id_field: id                           # the item id: this field, else the item's index
     reference_field: answer                # what the prediction is graded against
@@ -49,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.data.prompts import chat_mode, format_prompt
 from alignkit.rollout.base import SamplingConfig
 
 SPECIAL_SOURCES = ("synthetic:", "gsm8k:", "tofu:")
@@ -96,7 +98,7 @@ class EvalSuite:
     synthetic_seed: int = 0
     limit: int | None = None
     template: str | None = None
-    chat: bool = False
+    chat: bool | str = "auto"
     system: str | None = None
     id_field: str = "id"
     reference_field: str = "answer"
@@ -117,7 +119,7 @@ _GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GenerationSettings))
 _TYPES: dict[str, tuple] = {
     "name": (str,), "data": (str,), "description": (str,), "split": (str,), "dataset_config": (str, type(None)),
     "synthetic_size": (int,), "synthetic_seed": (int,), "limit": (int, type(None)), "template": (str, type(None)),
-    "chat": (bool,), "system": (str, type(None)), "id_field": (str,), "reference_field": (str,),
+    "chat": (bool, str), "system": (str, type(None)), "id_field": (str,), "reference_field": (str,),
     "verifier": (str,), "verifier_options": (dict, type(None)), "generation": (dict, type(None)),
     "n": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "max_new_tokens": (int,),
     "stop": (list, str, type(None)), "seed": (int, type(None)), "batch_size": (int,),
@@ -172,6 +174,7 @@ def suite_from_dict(raw: dict, source: str = "<suite>", *, base: Path | None = N
     try:
         suite = EvalSuite(**values, generation=GenerationSettings(**generation), path=None if source == "<suite>" else source)
         suite.generation.sampling()  # range checks (temperature, top_p, max_new_tokens)
+        chat_mode(suite.chat)
     except ValueError as e:
         raise SuiteError(source, None, str(e)) from None
     if suite.generation.n < 1:
@@ -227,9 +230,10 @@ def suite_problems(suite: EvalSuite) -> list[dict]:
     return out
 
 
-def render_prompt(suite: EvalSuite, record: dict):
+def render_prompt(suite: EvalSuite, record: dict, tokenizer=None):
     """The prompt sent for ``record``: the template filled from its fields (a chat-list field as its
-    text), then wrapped in a user message (after an optional system message) when ``chat`` is on."""
+    text), then wrapped in a user message (after an optional system message) when ``chat`` is on
+    (``auto``: when ``tokenizer`` has a chat template; see :mod:`alignkit.data.prompts`)."""
     from alignkit.data.records import is_conversational, message_text
 
     prompt = record["prompt"]
@@ -241,10 +245,7 @@ def render_prompt(suite: EvalSuite, record: dict):
             raise SuiteError(suite.path or suite.name, "template", f"names field {e.args[0]!r}, which item {record.get('id')!r} lacks") from None
         except (IndexError, ValueError) as e:
             raise SuiteError(suite.path or suite.name, "template", f"not a valid format string: {e}") from None
-    if suite.chat and isinstance(prompt, str):
-        messages = [{"role": "system", "content": suite.system}] if suite.system else []
-        prompt = messages + [{"role": "user", "content": prompt}]
-    return prompt
+    return format_prompt(prompt, tokenizer, suite.chat, suite.system)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -266,7 +267,7 @@ def run_suite(
     ``engine`` defaults to ``make_engine("hf", model, tokenizer)``; ``problems`` (from
     :func:`suite_problems`) can be passed to load them once for several models.
     """
-    from alignkit.negatives import sample_rollouts, verify_rollouts
+    from alignkit.negatives import completion_warnings, sample_rollouts, verify_rollouts
     from alignkit.verifiers import get_verifier
 
     if engine is None:
@@ -277,9 +278,10 @@ def run_suite(
         engine = make_engine("hf", model, tokenizer, batch_size=suite.generation.batch_size, progress=progress)
     verifier = get_verifier(suite.verifier, **suite.verifier_options)
     problems = suite_problems(suite) if problems is None else list(problems)
-    rows = [{**p, "prompt": render_prompt(suite, p)} for p in problems]
+    rows = [{**p, "prompt": render_prompt(suite, p, tokenizer or getattr(engine, "tokenizer", None))} for p in problems]
     gen = suite.generation
     rows = sample_rollouts(engine, rows, gen.n, gen.sampling(), keep_token_data=False)
+    completion_warnings(rows, where=f"suite {suite.name}")
     rows = verify_rollouts(rows, verifier, num_workers=num_workers, source=suite.path or suite.name)
     out = []
     for problem, row in zip(problems, rows):

@@ -12,10 +12,18 @@ the structure the per-step methods need (the first pit is the slip), and it give
 well-defined preferred side.
 
 Everything is generated from a seed, offline, in milliseconds; a tiny model can learn the task on CPU.
+
+**The chat variant** (:func:`make_chat_problems`, sources ``synthetic:arithmetic_chat_*``) is the task for
+real instruct models: two-step problems asked as a chat with a system instruction and one worked example
+(:func:`chat_prompt`). SmolLM2-135M-Instruct answers 38% of them right greedily (64 held-out problems),
+with varied mistakes (skipped or invented steps, wrong sums, a missing final line), so its own samples
+hold both correct and incorrect answers. Training and held-out problems come from disjoint halves of the
+problem space (:func:`is_held_out`, a hash of the prompt), whatever the sizes and seeds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -121,6 +129,69 @@ def make_preference_pairs(n: int, seed: int = 0, spec: ArithmeticSpec = Arithmet
                 "first_error_step": slip_at,
             }
         )
+    return out
+
+
+# ------------------------------------------------------------------------------ the chat variant
+
+TWO_STEPS = ArithmeticSpec(min_steps=2, max_steps=2)
+CHAT_SYSTEM = "Solve the problem step by step, one operation per line. End with: The answer is N."
+CHAT_EXAMPLE = ("Start with 4. Add 3. Multiply by 2. What is the result?", "4 + 3 = 7\n7 * 2 = 14\nThe answer is 14.")
+HELD_OUT_SHARE = 5  # one prompt in 5 is held out
+
+
+def chat_prompt(question: str) -> list[dict]:
+    """The chat an instruct model gets: the instruction as a system message, one worked example as a
+    previous turn, then the question."""
+    example_q, example_a = CHAT_EXAMPLE
+    return [
+        {"role": "system", "content": CHAT_SYSTEM},
+        {"role": "user", "content": example_q},
+        {"role": "assistant", "content": example_a},
+        {"role": "user", "content": question},
+    ]
+
+
+def is_held_out(question: str) -> bool:
+    """Whether a problem belongs to the held-out part of the problem space (a stable hash of its text),
+    so evaluation problems are never training problems, whatever sizes and seeds are drawn."""
+    digest = hashlib.sha256(question.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % HELD_OUT_SHARE == 0 or question == CHAT_EXAMPLE[0]
+
+
+def _chat_problems(n: int, seed: int, split: str, spec: ArithmeticSpec):
+    """Yield ``n`` distinct problems (with their private fields) of one part of the problem space."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng, seen, draws = random.Random(seed), set(), 0
+    while len(seen) < n:
+        draws += 1
+        if draws > 200 * n:
+            raise ValueError(f"cannot draw {n} distinct {split} problems from {spec}")
+        p = make_problem(rng, spec)
+        question = p["prompt"]
+        if question in seen or question == CHAT_EXAMPLE[0] or is_held_out(question) != (split == "heldout"):
+            continue
+        seen.add(question)
+        yield {**p, "prompt": chat_prompt(question), "question": question}
+
+
+def make_chat_problems(n: int, seed: int = 0, split: str = "train", spec: ArithmeticSpec = TWO_STEPS) -> list[dict]:
+    """``n`` problem records of the chat variant from the ``train`` or ``heldout`` part of the problem
+    space: ``prompt`` (chat messages, :func:`chat_prompt`), ``question`` (its text), ``solution``,
+    ``answer``, ``steps``."""
+    return [_public(p) for p in _chat_problems(n, seed, split, spec)]
+
+
+def make_chat_preference_pairs(n: int, seed: int = 0, split: str = "train", spec: ArithmeticSpec = TWO_STEPS) -> list[dict]:
+    """Offline DPO pairs of the chat variant: the gold solution as ``chosen`` against a one-slip solution
+    as ``rejected`` (``first_error_step`` says where it slips)."""
+    rng = random.Random(seed + 1)
+    out = []
+    for p in _chat_problems(n, seed, split, spec):
+        wrong, slip_at = make_wrong_solution(p, rng)
+        out.append({"prompt": p["prompt"], "chosen": p["solution"], "rejected": wrong, "answer": p["answer"],
+                    "first_error_step": slip_at})
     return out
 
 
