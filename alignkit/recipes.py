@@ -47,7 +47,7 @@ class DataArguments:
         metadata={
             "help": "JSONL/Parquet path, save_to_disk dir, hub id, synthetic:arithmetic_pairs, "
             "synthetic:arithmetic_problems, synthetic:arithmetic_sft, synthetic:arithmetic_chat_problems / "
-            "_sft / _pairs (the chat task for real instruct models; eval sources draw from its held-out part), "
+            "_sft / _pairs / _wrong (the chat task for real instruct models; eval sources draw from its held-out part), "
             "gsm8k:<path or hub id> (GSM8K format as problems), champ, "
             "synthetic:tofu_forgetNN / synthetic:tofu_retainMM (alignkit.tasks.synthetic_tofu) or "
             "tofu:<split> (TOFU-format data from tofu_data, e.g. tofu:forget10)."
@@ -159,8 +159,11 @@ def _load_source(source: str | None, data_args: DataArguments, kind: str, *, tra
                 from alignkit.trainers.sft import sft_records
 
                 return sft_records(arithmetic.make_chat_problems(size, seed=seed, split=split))
-            if name == "arithmetic_chat_pairs":
+            if name == "arithmetic_chat_pairs":  # also negatives records (prompt, rejected) for D2O
                 return arithmetic.make_chat_preference_pairs(size, seed=seed, split=split)
+            if name == "arithmetic_chat_wrong":  # one-slip solutions as SFT records: an NPO forget set
+                pairs = arithmetic.make_chat_preference_pairs(size, seed=seed, split=split)
+                return [{"prompt": p["prompt"], "response": p["rejected"], "answer": p["answer"]} for p in pairs]
         if name == "negative_class":  # negatives records: training prompts to train, held-out prompts to eval
             from alignkit.tasks import negative_class
 
@@ -173,7 +176,7 @@ def _load_source(source: str | None, data_args: DataArguments, kind: str, *, tra
             return synthetic_tofu.records(name[len("tofu_") :], spec)
         raise ValueError(
             f"unknown synthetic dataset {name!r}; available: arithmetic_pairs, arithmetic_problems, arithmetic_sft, "
-            "arithmetic_chat_problems, arithmetic_chat_sft, arithmetic_chat_pairs, negative_class, tofu_forgetNN, "
+            "arithmetic_chat_problems, arithmetic_chat_sft, arithmetic_chat_pairs, arithmetic_chat_wrong, negative_class, tofu_forgetNN, "
             "tofu_retainMM"
         )
     if source.startswith("tofu:"):

@@ -44,6 +44,7 @@ class ArithmeticSpec:
     max_operand: int = 9
     max_multiplier: int = 3
     operations: tuple[str, ...] = ("add", "sub", "mul")
+    nonnegative: bool = False  # subtract at most the running value: no negative intermediate results
 
 
 def _solution_lines(start: int, ops: list[tuple[str, int]], slip_at: int | None, slip: int) -> tuple[list[str], int]:
@@ -63,11 +64,17 @@ def make_problem(rng: random.Random, spec: ArithmeticSpec = ArithmeticSpec()) ->
     """One problem record: ``prompt``, ``solution``, ``answer`` (str) and ``steps`` (solution lines)."""
     start = rng.randint(1, spec.max_start)
     n_steps = rng.randint(spec.min_steps, spec.max_steps)
-    ops = []
+    ops, value = [], start
     for _ in range(n_steps):
         name = rng.choice(spec.operations)
-        x = rng.randint(2, spec.max_multiplier) if name == "mul" else rng.randint(1, spec.max_operand)
+        if spec.nonnegative and name == "sub":
+            x = rng.randint(1, min(spec.max_operand, value)) if value >= 1 else None
+            if x is None:  # nothing to subtract from 0: add instead
+                name, x = "add", rng.randint(1, spec.max_operand)
+        else:
+            x = rng.randint(2, spec.max_multiplier) if name == "mul" else rng.randint(1, spec.max_operand)
         ops.append((name, x))
+        value = OPERATIONS[name][2](value, x)
     prompt = " ".join([f"Start with {start}."] + [OPERATIONS[n][0].format(x=x) for n, x in ops] + ["What is the result?"])
     lines, value = _solution_lines(start, ops, None, 0)
     return {
@@ -134,7 +141,7 @@ def make_preference_pairs(n: int, seed: int = 0, spec: ArithmeticSpec = Arithmet
 
 # ------------------------------------------------------------------------------ the chat variant
 
-TWO_STEPS = ArithmeticSpec(min_steps=2, max_steps=2)
+TWO_STEPS = ArithmeticSpec(min_steps=2, max_steps=2, nonnegative=True)
 CHAT_SYSTEM = "Solve the problem step by step, one operation per line. End with: The answer is N."
 CHAT_EXAMPLE = ("Start with 4. Add 3. Multiply by 2. What is the result?", "4 + 3 = 7\n7 * 2 = 14\nThe answer is 14.")
 HELD_OUT_SHARE = 5  # one prompt in 5 is held out
