@@ -12,7 +12,7 @@ BACKENDS = ("hf", "vllm", "server")
 def make_engine(backend: str, model=None, tokenizer=None, **options) -> RolloutEngine:
     """A rollout engine.
 
-    * ``hf``: ``HFEngine(model, tokenizer, batch_size=32, progress=True)``;
+    * ``hf``: ``HFEngine(model, tokenizer, batch_size=None, progress=True)`` (``None``: the batch is chosen from memory);
     * ``vllm``: ``VLLMEngine(model_path, tokenizer, ...)``, colocated with training (GPU); ``model``
       may be the path or the model being trained (its ``name_or_path`` is used);
     * ``server``: ``ServerEngine(base_url, tokenizer, ...)`` against ``vllm serve`` / ``alignkit serve``.

@@ -22,7 +22,9 @@ class RolloutArguments:
     rollout_max_new_tokens: int = 256
     rollout_stop: list[str] | None = field(default=None, metadata={"help": "Stop strings."})
     rollout_seed: int | None = field(default=None, metadata={"help": "Sampling seed; default: the training seed."})
-    rollout_batch_size: int = field(default=32, metadata={"help": "hf backend: sequences generated together."})
+    rollout_batch_size: int | None = field(
+        default=None, metadata={"help": "hf backend: rows decoded together; default: chosen from memory (KV cache per token)."}
+    )
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: share of GPU memory for vLLM."})
     vllm_tensor_parallel_size: int = 1
     vllm_max_model_len: int | None = None
