@@ -3,7 +3,7 @@ contained and named, the isolation ladder is never silent, and the kernel bounda
 
 Every test leaves nothing behind: the autouse fixture points ``tempfile`` at a private directory and
 checks that it is empty, that this process has no child processes left and that no per-run cgroup
-of this process remains. Limits are small (1 s of CPU, 2 s of wall time). The full hostile corpus,
+of this process remains. Limits are small (1 s of CPU, 5 s of wall time). The full hostile corpus,
 at every level, is ``tests/test_hostile_corpus.py`` (slow).
 """
 
@@ -35,7 +35,7 @@ from alignkit.verifiers.sandbox import (
 from alignkit.verifiers import sandbox_child
 from alignkit.verifiers.sandbox_boundary import UID_BASE, UID_RANGE, get_boundary
 
-FAST = {"cpu_seconds": 1, "wall_seconds": 2, "memory_mb": 256}
+FAST = {"cpu_seconds": 1, "wall_seconds": 5, "memory_mb": 256}  # wall: slack for a loaded machine
 PACKAGE_DIR = os.path.dirname(os.path.abspath(sandbox_child.__file__))  # project files: never visible inside
 BOUNDARY = get_boundary()
 NEEDS_BOUNDARY = pytest.mark.skipif(
@@ -236,9 +236,9 @@ def test_infinite_loop_hits_cpu_limit():
 
 def test_sleep_hits_wall_limit():
     start = time.monotonic()
-    r = run_sandboxed("import time\ntime.sleep(1000)", **FAST)
+    r = run_sandboxed("import time\ntime.sleep(1000)", **{**FAST, "wall_seconds": 2})
     assert r.timed_out and r.limit_hit == "wall_time"
-    assert 1.9 < r.duration_s < 4 and time.monotonic() - start < 5
+    assert 1.9 < r.duration_s < 4.5 and time.monotonic() - start < 6
 
 
 def test_memory_bombs():

@@ -37,6 +37,7 @@ import ast
 import copy
 import decimal
 import fractions
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -299,6 +300,7 @@ class _Translator:
         self.names = names  # name -> parent-side object (math functions, modules' namespaces)
         self.constants_to_child = constants_to_child
         self.subst: dict[str, ast.expr] = {}
+        self.imported: set[str] = set()  # names the tests' own imports bind (library code in the sandbox)
         self.test = _Test(label="")
         self.probes: list[tuple[str, int]] = []
 
@@ -428,6 +430,7 @@ class _Translator:
     def probe(self, node: ast.expr, kind: str) -> _Eval:
         source = ast.unparse(self.substituted(node))
         self.check_child_names(node)
+        self.check_no_comparison_inside(node)
         index = len(self.steps)
         self.steps.append(Step(kind, source))
         self.probes.append((source, index))
@@ -448,6 +451,23 @@ class _Translator:
                 raise _NotOutside("a walrus or await in a test expression")
             if isinstance(sub, ast.Name) and sub.id in self.constants:
                 self.test.constants_used.add(sub.id)
+
+    def check_no_comparison_inside(self, node: ast.expr) -> None:
+        """A probe runs in the sandbox, so it must not compare the program's values with expected
+        ones there: no comparison inside it, and no library function of the tests' imports applied
+        to the program's values together with a constant (``np.array_equal(f(x), [1, 2])``)."""
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Compare):
+                raise _NotOutside("a comparison inside the program's side of a test")
+            if isinstance(sub, ast.Call) and self.imported_callee(sub.func) and not self.is_const(sub):
+                args = [*sub.args, *(k.value for k in sub.keywords)]
+                if any(not isinstance(a, ast.Starred) and self.is_const(a) for a in args):
+                    raise _NotOutside("a library call on the program's values and a constant")
+
+    def imported_callee(self, func: ast.expr) -> bool:
+        while isinstance(func, ast.Attribute):
+            func = func.value
+        return isinstance(func, ast.Name) and func.id in self.imported and func.id not in self.subst
 
     def substituted(self, node: ast.expr) -> ast.expr:
         subst, constants = self.subst, self.constants
@@ -652,6 +672,7 @@ class _Program:
 
     def imports(self, stmt: ast.Import | ast.ImportFrom) -> None:
         tr = self.tr
+        tr.imported.update(a.asname or a.name.partition(".")[0] for a in stmt.names)
         if isinstance(stmt, ast.Import):
             for alias in stmt.names:
                 bound = alias.asname or alias.name.partition(".")[0]
@@ -798,10 +819,18 @@ def plan_tests(tests: str | Sequence[str], *, allow_in_process: bool = True) -> 
     """The steps for a problem's ``tests`` (a test program, or a list of snippets each one test).
 
     With ``allow_in_process=False`` a test that cannot be judged outside the program fails at once
-    (``"NotJudgeable"``) instead of running inside it.
+    (``"NotJudgeable"``) instead of running inside it. Plans are cached (an RL step samples each
+    problem several times); a plan is never changed after it is made.
     """
+    if isinstance(tests, str):
+        return _cached_plan(tests, allow_in_process)
+    return _cached_plan(tuple(t if isinstance(t, str) else str(t) for t in tests), allow_in_process)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(tests: str | tuple[str, ...], allow_in_process: bool) -> TestPlan:
     text_program = isinstance(tests, str)
-    sources = [tests] if text_program else [t if isinstance(t, str) else str(t) for t in tests]
+    sources = [tests] if text_program else list(tests)
     plan, had_constants = _plan(sources, text_program, False, allow_in_process)
     if had_constants and any(t.exec_step is not None for t in plan.tests):
         # a test runs inside, so constants defined by the tests must exist there too; the tests

@@ -40,6 +40,7 @@ a limit, a malformed report) or ``None``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import marshal
 import os
@@ -274,18 +275,20 @@ def _user_task_count() -> int:
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # .../alignkit
 
 
-def _deny_read_paths() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _deny_read_paths() -> tuple[str, ...]:
     """The parent's home directory (readable where the interpreter itself lives there)."""
     home = os.path.expanduser("~")
     if home and home != "/" and os.path.isdir(home):
-        return [os.path.realpath(home)]
-    return []
+        return (os.path.realpath(home),)
+    return ()
 
 
-def _allow_read_paths(python: str) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _allow_read_paths(python: str) -> tuple[str, ...]:
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     paths.add(os.path.dirname(os.path.dirname(os.path.realpath(python))))
-    return sorted(os.path.realpath(p) for p in paths if p)
+    return tuple(sorted(os.path.realpath(p) for p in paths if p))
 
 
 def _rmtree(path: str) -> None:
@@ -370,7 +373,7 @@ def run_sandboxed(
             root = host_root
             for d in ("work", "home", "tmp"):
                 os.mkdir(os.path.join(root, d), 0o700)
-            make_dirs, write_roots, deny_read = [], [], _deny_read_paths()
+            make_dirs, write_roots, deny_read = [], [], list(_deny_read_paths())
         cwd, home, tmp = root + "/work", root + "/home", root + "/tmp"
 
         report_r, report_w = os.pipe()
@@ -388,7 +391,7 @@ def run_sandboxed(
             "site": list(_site_dirs(python)),
             "deny_read": deny_read,
             "deny_read_strict": [_PACKAGE_DIR],
-            "allow_read": _allow_read_paths(python),
+            "allow_read": list(_allow_read_paths(python)),
             "limits": {
                 "cpu": cpu,
                 "as": int(memory_mb) * 1024 * 1024,

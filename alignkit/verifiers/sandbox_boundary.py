@@ -446,6 +446,8 @@ class Boundary:
     cgroups: CgroupSetup | None = None
     cgroup_note: str = ""
     version: str = ""
+    #: the bwrap options this version has, of those that differ between versions
+    options: frozenset[str] = frozenset({"--disable-userns", "--size", "--perms"})
     parts: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:
@@ -481,14 +483,16 @@ class Boundary:
         if self.as_root:
             cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
         else:
-            cmd += ["--unshare-all", "--unshare-user", "--disable-userns"]
+            cmd += ["--unshare-all", "--unshare-user"]
+            if "--disable-userns" in self.options:  # bwrap >= 0.8; seccomp refuses new namespaces too
+                cmd += ["--disable-userns"]
         cmd += ["--die-with-parent", "--new-session", "--hostname", "sandbox", "--cap-drop", "ALL"]
         if self.as_root:
             cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
         size = str(max(1, int(tmpfs_mb)) * 1024 * 1024)
         # the private tmpfs first, so that an interpreter kept under /tmp is bound on top of it
-        cmd += ["--perms", "01777", "--size", str(4 * int(size)), "--tmpfs", SANDBOX_ROOT,
-                "--perms", "01777", "--size", size, "--tmpfs", "/tmp"]
+        cmd += [*self._perms("01777"), *self._size(4 * int(size)), "--tmpfs", SANDBOX_ROOT,
+                *self._perms("01777"), *self._size(int(size)), "--tmpfs", "/tmp"]
         made: set[str] = {"/", "/tmp", SANDBOX_ROOT}
         for kind, spec in self.binds:
             if kind == "symlink":
@@ -498,12 +502,12 @@ class Boundary:
                 continue
             for parent in _ancestors(spec):
                 if parent not in made:
-                    cmd += ["--perms", "0755", "--dir", parent]
+                    cmd += [*self._perms("0755"), "--dir", parent]
                     made.add(parent)
             cmd += ["--ro-bind", spec, spec]
             made.add(spec)
         cmd += ["--proc", "/proc", "--dev", "/dev",
-                "--perms", "01777", "--size", size, "--tmpfs", "/dev/shm",
+                *self._perms("01777"), *self._size(int(size)), "--tmpfs", "/dev/shm",
                 "--chdir", "/"]
         if seccomp_fd is not None:
             cmd += ["--seccomp", str(seccomp_fd)]
@@ -514,6 +518,13 @@ class Boundary:
             cmd += [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
                     "--inh-caps=-all", "--bounding-set=-all", "--"]
         return cmd + list(argv)
+
+
+    def _perms(self, mode: str) -> list[str]:
+        return ["--perms", mode] if "--perms" in self.options else []
+
+    def _size(self, size: int) -> list[str]:
+        return ["--size", str(size)] if "--size" in self.options else []
 
 
 def _ancestors(path: str) -> list[str]:
@@ -617,10 +628,15 @@ def _probe(python: str, bwrap_setting: str | None) -> Boundary:
             cgroups, cgroup_note = None, f"cgroups not writable ({e.strerror or e})"
     try:
         version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return Boundary(False, f"{bwrap} does not run ({e})")
+    options = frozenset(o for o in ("--disable-userns", "--size", "--perms") if o in usage.split())
+    if as_root and "--perms" not in options:
+        return Boundary(False, f"{version or bwrap} is too old (no --perms, bubblewrap >= 0.5 is needed as root)")
     candidate = Boundary(True, "", bwrap=bwrap, setpriv=setpriv, as_root=as_root, binds=binds, seccomp=seccomp,
-                         seccomp_note=seccomp_note, cgroups=cgroups, cgroup_note=cgroup_note, version=version)
+                         seccomp_note=seccomp_note, cgroups=cgroups, cgroup_note=cgroup_note, version=version,
+                         options=options)
     problem = _probe_run(candidate, python)
     if problem:
         return Boundary(False, problem)
@@ -628,9 +644,11 @@ def _probe(python: str, bwrap_setting: str | None) -> Boundary:
              "throwaway uid" if as_root else f"user namespace as uid {os.getuid()}",
              cgroups.describe() if cgroups is not None else f"no cgroup ({cgroup_note})",
              seccomp_note if seccomp is not None else f"no seccomp ({seccomp_note})"]
+    if "--size" not in options:
+        parts.append("tmpfs without size limits (bubblewrap < 0.7)")
     return Boundary(True, "", bwrap=bwrap, setpriv=setpriv, as_root=as_root, binds=binds, seccomp=seccomp,
                     seccomp_note=seccomp_note, cgroups=cgroups, cgroup_note=cgroup_note, version=version,
-                    parts=tuple(parts))
+                    options=options, parts=tuple(parts))
 
 
 _PROBE_CODE = (
