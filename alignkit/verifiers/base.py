@@ -10,6 +10,16 @@ CLI can say ``verifier: math`` and a user can plug in their own callable.
 stalls the batch). Subclasses implement :meth:`Verifier.verify`; the code verifier overrides
 ``verify_batch`` because each of its calls is a sandboxed subprocess already.
 
+The worker pool stays warm: it is started on the first parallel batch and reused by every later one
+(any verifier, any batch; the verifier travels with each chunk), so a training loop that verifies
+every step pays the process start and the imports once; the workers are forked after
+:meth:`Verifier.warm_up` has run here, so they start with its imports and caches. Items go to the
+workers in contiguous chunks (about four per worker, so a slow chunk does not leave the others
+idle); a batch with fewer than ``parallel_min_items`` items per worker runs serially in this
+process. :func:`close_worker_pools` ends the pool (it also ends at interpreter exit). A worker that
+dies (killed for memory, a crash in C) fails only its chunk (``error: worker process died``): the
+other chunks it took down are retried on a new pool.
+
 A plain function ``fn(problem, completion) -> Verdict | bool | float`` is a verifier too: register it
 with ``register_verifier("mine", fn)`` and ``get_verifier("mine")`` wraps it in a
 :class:`CallableVerifier`. Process-parallel batches need a picklable (module-level) function; a lambda
@@ -21,6 +31,7 @@ big-integer power, say) runs to its end before the timeout is raised.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import json
 import logging
@@ -31,6 +42,7 @@ import pickle
 import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -91,6 +103,9 @@ class Verifier:
     """Base class. ``timeout`` bounds one call; ``num_workers`` defaults to the CPU count."""
 
     name = "verifier"
+    #: batches with fewer items than this per worker run serially (a chunk's round trip to a warm
+    #: worker costs about a millisecond); subclasses whose calls are slow lower it
+    parallel_min_items = 32
 
     def __init__(self, timeout: float = 5.0, num_workers: int | None = None):
         self.timeout = timeout
@@ -98,6 +113,29 @@ class Verifier:
 
     def verify(self, problem: Mapping, completion) -> Verdict:
         raise NotImplementedError
+
+    def same_answer(self, problem: Mapping, first, second) -> bool:
+        """Whether two completions of ``problem`` give the same answer, as this verifier reads answers
+        (NFR_mc's "the prediction changed" is its negation). The base compares the texts as they are;
+        verifiers that extract an answer (math, match) compare the answers."""
+        return completion_text(first) == completion_text(second)
+
+    def same_answer_batch(
+        self, problems: Sequence[Mapping], firsts: Sequence, seconds: Sequence, *, num_workers: int | None = None
+    ) -> list[bool]:
+        """:meth:`same_answer` per item, in order, on the worker pool like :meth:`verify_batch` (a call that
+        fails or runs out of time counts as a changed answer)."""
+        if not len(problems) == len(firsts) == len(seconds):
+            raise ValueError(f"{len(problems)} problems, {len(firsts)} first and {len(seconds)} second completions")
+        firsts, seconds = [completion_text(c) for c in firsts], [completion_text(c) for c in seconds]
+        if type(self).same_answer is Verifier.same_answer:
+            return [a == b for a, b in zip(firsts, seconds)]
+        pairs = [{**problem, _FIRST_COMPLETION: first} for problem, first in zip(problems, firsts)]
+        return [v.correct for v in _SameAnswer(self).verify_batch(pairs, seconds, num_workers=num_workers)]
+
+    def warm_up(self) -> None:
+        """Load what every call needs (imports, parser caches). Called in this process just before the
+        worker pool is forked from it, so that the workers start warm; the default does nothing."""
 
     def safe_verify(self, problem: Mapping, completion) -> Verdict:
         """``verify`` bounded by ``timeout``; an exception becomes an incorrect verdict naming it."""
@@ -121,7 +159,7 @@ class Verifier:
     ) -> list[Verdict]:
         """One verdict per (problem, completion) pair, in order, computed in parallel processes."""
         texts, workers = self._batch_texts(problems, completions, num_workers)
-        workers = min(workers, max(1, len(texts) // 64))  # small batches are not worth a process pool
+        workers = min(workers, max(1, len(texts) // max(1, self.parallel_min_items)))
         if workers > 1 and not _picklable(self):
             logger.warning(
                 "verifier %r cannot be pickled (a lambda or closure?), so it cannot go to worker processes; "
@@ -132,13 +170,30 @@ class Verifier:
             workers = 1
         if workers <= 1:
             return [self.safe_verify(p, t) for p, t in zip(problems, texts)]
-        chunk = max(1, -(-len(texts) // (workers * 4)))
-        pieces = [(list(problems[i : i + chunk]), texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(self,)) as pool:
-            out: list[Verdict] = []
-            for verdicts in pool.map(_verify_chunk, pieces):
-                out.extend(verdicts)
-        return out
+        return _verify_in_pool(self, list(problems), texts, workers)
+
+
+_FIRST_COMPLETION = "__alignkit_first_completion__"
+
+
+class _SameAnswer(Verifier):
+    """``verify(problem, second)``: whether ``problem[_FIRST_COMPLETION]`` and ``second`` give the same
+    answer by ``inner``; lets :meth:`Verifier.same_answer_batch` use the batch and pool machinery."""
+
+    def __init__(self, inner: Verifier):
+        super().__init__(timeout=inner.timeout, num_workers=inner.num_workers)
+        self.inner = inner
+        self.name = f"same answer ({inner.name})"
+        self.parallel_min_items = inner.parallel_min_items
+
+    def verify(self, problem: Mapping, completion) -> Verdict:
+        problem = dict(problem)
+        first = problem.pop(_FIRST_COMPLETION)
+        same = bool(self.inner.same_answer(problem, first, completion))
+        return Verdict(same, float(same), "same answer" if same else "different answer")
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
 
 
 def _picklable(obj) -> bool:
@@ -149,17 +204,89 @@ def _picklable(obj) -> bool:
     return True
 
 
-_WORKER_VERIFIER: Verifier | None = None
+# ------------------------------------------------------------------------------------ the worker pool
+
+_POOL: ProcessPoolExecutor | None = None
+_POOL_WORKERS = 0
+_POOL_OWNER = 0  # the pid that started the pool: a forked child must not use its parent's
+_POOL_LOCK = threading.Lock()
 
 
-def _init_worker(verifier: Verifier) -> None:
-    global _WORKER_VERIFIER
-    _WORKER_VERIFIER = verifier
+def _get_pool(workers: int, verifier: Verifier) -> ProcessPoolExecutor:
+    """The warm pool with ``workers`` processes (a pool of another size is closed first)."""
+    global _POOL, _POOL_WORKERS, _POOL_OWNER
+    if _POOL is not None and _POOL_OWNER != os.getpid():
+        _POOL, _POOL_WORKERS = None, 0  # inherited through fork: not ours to use or to shut down
+    if _POOL is not None and _POOL_WORKERS != workers:
+        close_worker_pools()
+    if _POOL is None:
+        try:
+            verifier.warm_up()  # the workers are forked from this process: they inherit what it loaded
+        except Exception as e:  # only a speed-up: the calls themselves will report a real problem
+            logger.debug("verifier warm-up failed: %s", e)
+        _POOL = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker)
+        _POOL_WORKERS, _POOL_OWNER = workers, os.getpid()
+    return _POOL
 
 
-def _verify_chunk(piece) -> list[Verdict]:
-    problems, texts = piece
-    return [_WORKER_VERIFIER.safe_verify(p, t) for p, t in zip(problems, texts)]
+def close_worker_pools() -> None:
+    """Shut the warm worker pool down (a later parallel batch starts a new one)."""
+    global _POOL, _POOL_WORKERS
+    pool, _POOL, _POOL_WORKERS = _POOL, None, 0
+    if pool is not None and _POOL_OWNER == os.getpid():
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(close_worker_pools)
+
+
+def _verify_in_pool(verifier: Verifier, problems: list, texts: list[str], workers: int) -> list[Verdict]:
+    """The batch in contiguous chunks on the warm pool. A worker that dies breaks the whole pool; the
+    chunks it took down are retried one at a time on a new pool, and the one that kills it again gets
+    error verdicts."""
+    payload = pickle.dumps(verifier)
+    size = max(1, -(-len(texts) // (workers * 4)))
+    chunks = [(problems[i : i + size], texts[i : i + size]) for i in range(0, len(texts), size)]
+    results: list[list[Verdict] | None] = [None] * len(chunks)
+    with _POOL_LOCK:  # one batch at a time (threads): a batch never sees the pool closed under it
+        try:
+            futures = [_get_pool(workers, verifier).submit(_verify_chunk, payload, *c) for c in chunks]
+        except BrokenProcessPool:  # a worker died between batches
+            close_worker_pools()
+            futures = [_get_pool(workers, verifier).submit(_verify_chunk, payload, *c) for c in chunks]
+        for k, future in enumerate(futures):
+            try:
+                results[k] = future.result()
+            except BrokenProcessPool:
+                pass
+        failed = [k for k, r in enumerate(results) if r is None]
+        if failed:
+            logger.warning("a verifier worker process died; retrying %d chunk(s) one at a time", len(failed))
+            close_worker_pools()
+        for k in failed:
+            try:
+                results[k] = _get_pool(workers, verifier).submit(_verify_chunk, payload, *chunks[k]).result()
+            except BrokenProcessPool:
+                results[k] = [Verdict(False, 0.0, "error: worker process died")] * len(chunks[k][1])
+                close_worker_pools()
+    return [v for r in results for v in r]
+
+
+_WORKER_VERIFIERS: dict[bytes, Verifier] = {}
+
+
+def _init_worker() -> None:
+    # Ctrl-C goes to the whole process group: the parent handles it and shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _verify_chunk(payload: bytes, problems, texts) -> list[Verdict]:
+    verifier = _WORKER_VERIFIERS.get(payload)
+    if verifier is None:
+        if len(_WORKER_VERIFIERS) >= 8:
+            _WORKER_VERIFIERS.clear()
+        verifier = _WORKER_VERIFIERS[payload] = pickle.loads(payload)
+    return [verifier.safe_verify(p, t) for p, t in zip(problems, texts)]
 
 
 # ------------------------------------------------------------------------------------ custom callables

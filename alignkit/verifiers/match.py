@@ -13,7 +13,8 @@
 
 The candidate is the whole completion (``extract="none"``), its last non-empty line
 (``"last_line"``), or the final answer :func:`alignkit.verifiers.math.extract_answer` finds
-(``"answer"``: boxed, ``####``, "The answer is", else the last number).
+(``"answer"``: the answer math-verify extracts, else a word answer in ``\\boxed{}``, after "the answer
+is" or ``####``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import re
 from collections.abc import Mapping
 from functools import lru_cache
 
-from alignkit.verifiers.base import Verdict, Verifier, register_verifier
+from alignkit.verifiers.base import Verdict, Verifier, completion_text, register_verifier
 from alignkit.verifiers.math import extract_answer, parse_number
 
 MODES = ("exact", "normalized", "regex", "numeric")
@@ -121,6 +122,22 @@ class MatchVerifier(Verifier):
         expected = str(answer)
         same = got == expected if self.mode == "exact" else normalize(got) == normalize(expected)
         return _verdict(same, got, expected)
+
+    def same_answer(self, problem: Mapping, first, second) -> bool:
+        """The two completions' candidates compared as a candidate is compared with the answer: as they
+        are (``exact``), as numbers (``numeric``, when both are numbers) or after :func:`normalize`
+        (otherwise). Neither has a candidate: the same."""
+        a = candidate(completion_text(first), self.extract)
+        b = candidate(completion_text(second), self.extract)
+        if a is None or b is None:
+            return a is None and b is None
+        if self.mode == "exact":
+            return a == b
+        if self.mode == "numeric":
+            x, y = parse_number(a), parse_number(b)
+            if x is not None and y is not None:
+                return x == y or math.isclose(x, y, rel_tol=self.rel_tol, abs_tol=self.abs_tol)
+        return normalize(a) == normalize(b)
 
     def _verify_regex(self, pattern: str, got: str) -> Verdict:
         compiled = _compile(pattern, self.ignore_case)
