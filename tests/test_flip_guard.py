@@ -95,6 +95,38 @@ def test_logged_flip_metrics_equal_hand_computed(tiny_model_path, tokenizer, tmp
     assert history["best"] is None and history["stopped_at"] is None
 
 
+class RewordingEngine(PatternEngine):
+    """Like PatternEngine, but every other call words its answers differently (a wrong answer stays the same number)."""
+
+    def generate(self, prompts, n=1, sampling=None):
+        reword = self.calls % 2 == 1
+        out = super().generate(prompts, n, sampling)
+        if reword:
+            for group in out:
+                number = group[0].text.removeprefix("The answer is ").rstrip(".")
+                group[0] = Completion(f"Adding it all up, we get $\\boxed{{{number}}}$.", [1])
+        return out
+
+
+def test_nfr_mc_compares_answers_not_wording(tiny_model_path, tokenizer, tmp_path):
+    """With the math verifier, a wrong answer reworded is not a changed answer: NFR_mc counts only the
+    items whose answer changed to a wrong one (here the negative flips), not every reworded wrong item."""
+    from alignkit.verifiers.math import MathVerifier
+
+    patterns = [BASE, "1011100011", "0111111111", "1111000011"]
+    guard = FlipGuardCallback(PROBLEMS, eval_steps=2, engine=RewordingEngine(patterns),
+                              verifier=MathVerifier(num_workers=1))
+    trainer = _train(tmp_path, tiny_model_path, tokenizer, guard)
+    logged = {h["step"]: h for h in trainer.state.log_history if "flips/nfr" in h}
+    for step in (2, 4, 6):
+        assert logged[step]["flips/nfr_mc"] == pytest.approx(logged[step]["flips/nfr"]), step
+    # raw text: at steps 2 and 6 (reworded) every wrong item would count as changed
+    assert flip_metrics(pattern(BASE), pattern(patterns[1]), changed=[True] * 10).nfr_mc == pytest.approx(0.4)
+    assert logged[2]["flips/nfr_mc"] == pytest.approx(0.1)
+    history = json.loads((tmp_path / "out" / HISTORY_FILE).read_text())
+    assert [h["nfr_mc"] for h in history["history"]] == pytest.approx([0.1, 0.1, 0.0])
+
+
 def test_stop_ends_training_at_the_first_violation(tiny_model_path, tokenizer, tmp_path):
     # NFR 0.1 (within 0.15), then 0.2 (over): stop at step 4; the step-6 pattern is never used
     engine = PatternEngine([BASE, "0111000011", "0011000011", "0000000000"])

@@ -33,6 +33,20 @@ def test_multiclass_nfr_counts_wrong_to_other_wrong():
     assert m.nfr_mc == pytest.approx(2 / 5)  # items 1 and 3 (x -> w, both wrong); item 4 unchanged
 
 
+def test_nfr_mc_from_changed_answers():
+    """``changed`` (the verifier's answer comparison) replaces comparing the prediction values."""
+    old, new = [True, False, False, False], [True, False, False, True]
+    worded = ["The answer is 4.", "The answer is 5.", "The answer is 3.", "The answer is 6."]
+    reworded = ["#### 4", r"So $\boxed{5}$.", "The answer is 7.", "#### 6"]
+    assert flip_metrics(old, new, worded, reworded).nfr_mc == pytest.approx(2 / 4)  # the raw texts all differ
+    changed = [False, False, True, False]  # item 1: the same wrong answer 5, worded differently
+    m = flip_metrics(old, new, worded, reworded, changed=changed)
+    assert m.nfr_mc == pytest.approx(1 / 4)  # only item 2 (3 -> 7, both wrong)
+    assert flip_metrics(old, new, changed=changed).nfr_mc == pytest.approx(1 / 4)
+    with pytest.raises(ValueError, match="changed covers 3 items"):
+        flip_metrics(old, new, changed=[True, False, True])
+
+
 def test_edge_cases():
     same = flip_metrics(OLD, OLD)
     assert same.nfr == same.pfr == 0 and same.btc == 1.0

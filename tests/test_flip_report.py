@@ -160,6 +160,41 @@ def test_exact_mode_and_other_verifiers(tmp_path):
     assert data.correctness == "verifier math (num_workers=1)"
 
 
+def test_nfr_mc_compares_the_verifiers_answers_not_the_wording(tmp_path):
+    """The same wrong answer worded differently is no flip: with the math verifier NFR_mc counts only
+    q3 (3 -> 7, both wrong), 1/4; comparing raw text (exact-match data) counts q1 too, 2/4."""
+    rows = [
+        {"id": "q1", "reference": "4", "old": "2 + 3 = 5\nThe answer is 5.", "new": r"So the total is $\boxed{5}$."},
+        {"id": "q2", "reference": "6", "old": "The answer is 6.", "new": "3 + 3 = 6\n#### 6"},
+        {"id": "q3", "reference": "2", "old": "The answer is 3.", "new": "The answer is 7."},
+        {"id": "q4", "reference": r"\frac{1}{2}", "old": r"$\frac{1}{2}$", "new": "The answer is 0.5."},
+    ]
+    path = _write_jsonl(tmp_path / "worded.jsonl", rows)
+    by_math = flip_report(predictions=path, verifier="math", verifier_options={"num_workers": 1}, bootstrap=200)
+    d = by_math.summary["discrete"]
+    assert (d["accuracy_old"], d["accuracy_new"]) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert d["nfr_mc"] == pytest.approx(0.25)
+    assert by_math.data.changed.tolist() == [False, False, True, False]
+    assert d["ci"]["nfr_mc"][0] <= 0.25 <= d["ci"]["nfr_mc"][1]
+    raw = flip_metrics(by_math.data.old.correct, by_math.data.new.correct, [r["old"] for r in rows],
+                       [r["new"] for r in rows])
+    assert raw.nfr_mc == pytest.approx(0.5)
+    # given correctness, exact-match data: the raw text decides
+    given = [{**r, "old_correct": c_old, "new_correct": c_new}
+             for r, c_old, c_new in zip(rows, [False, True, False, True], [False, True, False, True])]
+    exact = flip_report(predictions=_write_jsonl(tmp_path / "given.jsonl", given),
+                        verifier_options={"mode": "exact"}, bootstrap=0)
+    assert exact.summary["discrete"]["nfr_mc"] == pytest.approx(0.5)
+
+
+def test_nfr_mc_with_the_default_match_verifier_ignores_case_and_spacing(tmp_path):
+    rows = [{"id": 1, "reference": "paris", "old": "Rome", "new": " rome. "},
+            {"id": 2, "reference": "paris", "old": "Rome", "new": "Milan"}]
+    report = flip_report(predictions=_write_jsonl(tmp_path / "m.jsonl", rows), bootstrap=0)
+    assert report.data.changed.tolist() == [False, True]
+    assert report.summary["discrete"]["nfr_mc"] == pytest.approx(0.5)
+
+
 def test_identical_predictions_give_nfr_zero(tmp_path):
     rows = [{"id": i, "reference": str(i % 3), "old": str(i % 2), "new": str(i % 2)} for i in range(50)]
     out = tmp_path / "r"

@@ -9,8 +9,11 @@ it right and the updated model gets it wrong. :class:`FlipGuardCallback` measure
   reads them back instead of evaluating its (already trained) weights;
 * every ``eval_steps`` optimizer steps and at the last step it evaluates the current model on the same
   items and compares per item (:func:`alignkit.evaluation.flips.flip_metrics`), logging ``flips/nfr``,
-  ``flips/pfr``, ``flips/accuracy``, ``flips/accuracy_old`` (and ``flips/negative_flips``) through the
-  trainer's log, so they reach ``report_to`` like any training metric;
+  ``flips/pfr``, ``flips/nfr_mc``, ``flips/accuracy``, ``flips/accuracy_old`` (and ``flips/negative_flips``)
+  through the trainer's log, so they reach ``report_to`` like any training metric. NFR_mc (new answer
+  wrong and changed) compares the answers as the verifier reads them
+  (:meth:`~alignkit.verifiers.base.Verifier.same_answer_batch`; the math verifier: the extracted
+  answers), not the wording;
 * ``action``: ``log`` (only measure), ``stop`` (end training at the first evaluation whose NFR exceeds
   ``max_nfr``), ``best`` (save the model of the most accurate evaluation whose NFR is within ``max_nfr``
   to ``OUTPUT_DIR/flip_guard_best``; with no budget every evaluation qualifies). The starting model is
@@ -215,6 +218,19 @@ class FlipGuardCallback(TrainerCallback):
             bool(v.correct) for v in self._verifier().verify_batch(self.problems, texts, num_workers=self.verifier_num_workers)
         ])
 
+    def _answers_changed(self, texts) -> list[bool] | None:
+        """Per item, whether the answer in ``texts`` differs from the starting model's, as the verifier
+        reads answers; ``None`` when the starting model's texts are unknown (a cache from before they were kept)."""
+        from alignkit.reference_samples import on_main_process
+
+        baseline = getattr(self, "baseline_texts", None)
+        if not baseline or texts is None or len(baseline) != len(texts):
+            return None
+        return on_main_process(lambda: [
+            not same for same in self._verifier().same_answer_batch(
+                self.problems, baseline, texts, num_workers=self.verifier_num_workers)
+        ])
+
     # ----------------------------------------------------------------------------------- callbacks
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -241,17 +257,19 @@ class FlipGuardCallback(TrainerCallback):
             if not resumed and cached.get("weights") != digest:
                 logger.warning("flip guard: %s was made for another starting model; evaluating again", path)
                 return None
-            return cached["correct"]
+            return cached["correct"], cached.get("texts")
 
         cached = on_main_process(read_cache)
         if cached is not None:
-            self.baseline = [bool(c) for c in cached]
+            self.baseline = [bool(c) for c in cached[0]]
+            self.baseline_texts = cached[1]
             self.baseline_computed = False
         else:
             if resumed:
                 logger.warning("flip guard: resuming at step %d without a cached baseline; the resumed weights "
                                "stand in for the starting model", state.global_step)
             self.baseline = self.evaluate(model)
+            self.baseline_texts = getattr(self, "_texts", None)
             self.baseline_computed = True
             if PartialState().is_main_process:
                 out.mkdir(parents=True, exist_ok=True)
@@ -304,15 +322,17 @@ class FlipGuardCallback(TrainerCallback):
         from accelerate import PartialState
 
         new = self.evaluate(model, processing_class)
-        m = flip_metrics(self.baseline, new)
+        m = flip_metrics(self.baseline, new, changed=self._answers_changed(getattr(self, "_texts", None)))
         within = self.max_nfr is None or m.nfr <= self.max_nfr
-        entry = {"step": state.global_step, "nfr": m.nfr, "pfr": m.pfr, "accuracy": m.accuracy_new,
-                 "accuracy_old": m.accuracy_old, "negative_flips": m.negative_flips,
+        entry = {"step": state.global_step, "nfr": m.nfr, "pfr": m.pfr, "nfr_mc": m.nfr_mc,
+                 "accuracy": m.accuracy_new, "accuracy_old": m.accuracy_old, "negative_flips": m.negative_flips,
                  "positive_flips": m.positive_flips, "within_budget": within}
         self.history.append(entry)
         self._last_step = state.global_step
         self._pending = {"flips/nfr": m.nfr, "flips/pfr": m.pfr, "flips/accuracy": m.accuracy_new,
                          "flips/accuracy_old": m.accuracy_old, "flips/negative_flips": float(m.negative_flips)}
+        if m.nfr_mc is not None:
+            self._pending["flips/nfr_mc"] = m.nfr_mc
         if PartialState().is_main_process:
             logger.info("flip guard step %d: accuracy %.3f (old %.3f), NFR %.3f, PFR %.3f", state.global_step,
                         m.accuracy_new, m.accuracy_old, m.nfr, m.pfr)

@@ -15,7 +15,10 @@ otherwise the prediction checked against ``reference`` by a verifier (default ``
 problem record, anything else as its ``answer``). Exact and normalised matching run vectorised in
 Arrow; any other verifier goes through :meth:`~alignkit.verifiers.base.Verifier.verify_batch`.
 Predictions and references are compared by their text form (a string as is, any other JSON value
-as its JSON text).
+as its JSON text). NFR_mc counts a new wrong prediction whose *answer* changed: the verifier decides
+that too (:meth:`~alignkit.verifiers.base.Verifier.same_answer_batch`: the math verifier compares the
+answers it extracts, ``match`` compares as it matches, normalised by default), so the same wrong
+answer worded differently is no flip; raw text equality is used only for exact-match data.
 
 Speed: files are read with ``pyarrow.json`` and every check and metric is vectorised (Arrow compute,
 NumPy). Only when the fast read fails or finds a bad value is the file re-read row by row
@@ -96,6 +99,7 @@ class FlipData:
     new: ModelResults
     sources: dict[str, str] = field(default_factory=dict)
     correctness: str = "given"
+    changed: np.ndarray | None = None  # per item: the new answer differs from the old one (set by judge)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -580,7 +584,7 @@ def judge(
     results = {"old": data.old, "new": data.new}
     todo = [side for side, r in results.items() if r.correct is None and r.prediction is not None]
     if not todo:
-        return data
+        return dataclasses.replace(data, changed=answers_changed(data, verifier, options, num_workers=num_workers))
     if data.reference is None:
         raise FlipInputError(f"{' and '.join(todo)} predictions need references to be judged")
     mode = _vectorisable(verifier, options)
@@ -598,6 +602,7 @@ def judge(
         ]
     for side, correct in zip(todo, verdicts):
         results[side] = dataclasses.replace(results[side], correct=correct)
+    data = dataclasses.replace(data, changed=answers_changed(data, verifier, options, num_workers=num_workers))
     what = f"verifier {verifier}" + (f" ({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})" if options else "")
     if len(todo) == 2:
         how = what
@@ -605,6 +610,30 @@ def judge(
         given = "old" if todo == ["new"] else "new"
         how = f"{given}: given; {todo[0]}: {what}"
     return dataclasses.replace(data, old=results["old"], new=results["new"], correctness=how)
+
+
+def answers_changed(
+    data: FlipData, verifier: str = DEFAULT_VERIFIER, verifier_options: dict | None = None, *,
+    num_workers: int | None = None,
+) -> np.ndarray | None:
+    """Per item, whether the new prediction's answer differs from the old one's as ``verifier`` reads
+    answers (NFR_mc's "changed"); ``None`` without predictions of both models. ``match`` in ``exact``
+    or ``normalized`` mode on whole predictions runs vectorised (exact: the raw text); any other
+    verifier through its :meth:`~alignkit.verifiers.base.Verifier.same_answer_batch`."""
+    if data.old.prediction is None or data.new.prediction is None:
+        return None
+    options = dict(verifier_options or {})
+    references = data.reference if data.reference is not None else [None] * len(data)
+    records = isinstance(references, list) and any(isinstance(v, dict) for v in references)
+    mode = _vectorisable(verifier, options)
+    if mode is not None and not records:
+        return ~match_correct(texts(data.new.prediction), texts(data.old.prediction), mode)
+    from alignkit.verifiers import get_verifier
+
+    checker = get_verifier(verifier, **options)
+    problems = [_problem(v) for v in _pylist(references)]
+    old, new = [_text(v) for v in _pylist(data.old.prediction)], [_text(v) for v in _pylist(data.new.prediction)]
+    return ~np.asarray(checker.same_answer_batch(problems, old, new, num_workers=num_workers), dtype=bool)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -685,12 +714,10 @@ def compute_report(
     methods = []
     if discrete:
         old, new = data.old.correct, data.new.correct
-        changed = None
-        if data.old.prediction is not None and data.new.prediction is not None:
-            changed = ~_bools(pc.equal(texts(data.old.prediction), texts(data.new.prediction)))
-        metrics = flip_metrics(old, new)
-        if changed is not None:
-            metrics = dataclasses.replace(metrics, nfr_mc=float(np.count_nonzero(~new & changed)) / n if n else 0.0)
+        changed = data.changed  # the answers compared by the verifier (judge)
+        if changed is None and data.old.prediction is not None and data.new.prediction is not None:
+            changed = ~_bools(pc.equal(texts(data.old.prediction), texts(data.new.prediction)))  # not judged: raw
+        metrics = flip_metrics(old, new, changed=changed)
         negative, positive = np.flatnonzero(old & ~new), np.flatnonzero(~old & new)
         ci = flip_count_bootstrap(old, new, changed, samples=bootstrap, confidence=confidence, seed=seed) if bootstrap else {}
         kept_right = int(np.count_nonzero(old & new))

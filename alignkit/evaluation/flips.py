@@ -6,7 +6,9 @@ discrete (correct / wrong per item)
     NFR    negative flip rate: share of ALL items the old model got right and the new one gets wrong
     PFR    positive flip rate: share of all items old wrong, new right
     NFR_mc share of all items where the new prediction is wrong AND differs from the old prediction
-           (multi-class form: also counts a wrong answer changed into another wrong answer)
+           (multi-class form: also counts a wrong answer changed into another wrong answer); "differs"
+           is about the answers: with a verifier, the answers it extracts (``changed``, from
+           :meth:`~alignkit.verifiers.base.Verifier.same_answer_batch`), raw values only for exact-match data
     NFI    negative flip impact: NFR / new error rate (how much of the new model's error is regression)
     BTC    backward trust compatibility: share of old-correct items the new model keeps correct
     accuracy old / new / delta
@@ -58,8 +60,12 @@ class FlipMetrics:
         return asdict(self)
 
 
-def flip_metrics(old_correct, new_correct, old_pred=None, new_pred=None) -> FlipMetrics:
-    """Discrete flip metrics from per-item correctness (and, for NFR_mc, the predictions themselves).
+def flip_metrics(old_correct, new_correct, old_pred=None, new_pred=None, *, changed=None) -> FlipMetrics:
+    """Discrete flip metrics from per-item correctness (and, for NFR_mc, whether the answer changed).
+
+    NFR_mc needs per item whether the new answer differs from the old one: ``changed`` (booleans, e.g.
+    the negation of a verifier's ``same_answer_batch``, which compares extracted answers), or else
+    ``old_pred`` / ``new_pred`` compared as values (exact-match data). Without either it is ``None``.
 
     Edge cases: with no items every rate is 0; with no old-correct item BTC is 1 (nothing to keep);
     with a perfect new model NFI is 0 (no error to attribute).
@@ -74,11 +80,16 @@ def flip_metrics(old_correct, new_correct, old_pred=None, new_pred=None) -> Flip
     old_right = int(np.count_nonzero(old))
     new_wrong = n - int(np.count_nonzero(new))
     nfr_mc = None
-    if old_pred is not None and new_pred is not None:
+    if changed is not None:
+        changed = _bool_array(changed, "changed")
+        if changed.shape != old.shape:
+            raise ValueError(f"changed covers {changed.size} items, the correctness arrays {old.size}")
+    elif old_pred is not None and new_pred is not None:
         op, np_ = np.asarray(old_pred, dtype=object), np.asarray(new_pred, dtype=object)
         if op.shape != old.shape or np_.shape != old.shape:
             raise ValueError("predictions must cover the same items as the correctness arrays")
         changed = op != np_
+    if changed is not None:
         nfr_mc = float(np.count_nonzero(~new & changed)) / n if n else 0.0
     acc_old = old_right / n if n else 0.0
     acc_new = (n - new_wrong) / n if n else 0.0
