@@ -42,6 +42,15 @@ NEEDS_BOUNDARY = pytest.mark.skipif(
     not BOUNDARY.available, reason=f"the kernel boundary is unavailable on this machine: {BOUNDARY.reason}"
 )
 LEVELS = [pytest.param("strict", marks=NEEDS_BOUNDARY), "auto", "none"]
+#: the level of the tests that do not name one: the boundary where this machine has it
+DEFAULT_LEVEL = "strict" if BOUNDARY.available else "none"
+
+
+def note(isolation: str) -> str:
+    """What ``auto`` adds to every verdict where it runs without the boundary."""
+    if isolation == "auto" and not BOUNDARY.available:
+        return f" [isolation: none, the kernel boundary is unavailable: {BOUNDARY.reason}]"
+    return ""
 
 # an unstubbed fork_exec, reached the way a hostile program would (see tests/hostile_corpus.py)
 FORK_EXEC = r'''
@@ -110,7 +119,7 @@ def verdict(program: str, tests=None, **kwargs) -> Verdict:
     if tests is not None:
         problem["tests"] = tests
     problem.update(kwargs.pop("problem", {}))
-    options = {**FAST, **kwargs}
+    options = {**FAST, "isolation": DEFAULT_LEVEL, **kwargs}
     return CodeVerifier(**options).verify(problem, f"Here you go:\n```python\n{program}\n```\n")
 
 
@@ -128,22 +137,24 @@ ADD = "def add(a, b):\n    return a + b"
 @pytest.mark.parametrize("isolation", LEVELS)
 def test_correct_programs_pass_at_every_level(isolation):
     assert verdict(ADD, ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], isolation=isolation) == Verdict(
-        True, 1.0, "ok: 2/2 tests passed")
+        True, 1.0, "ok: 2/2 tests passed" + note(isolation))
     unittest_program = ("import unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n"
                         "        self.assertEqual(add(2, 3), 5)\n        self.assertTrue(add(0, 0) == 0)\n"
                         "if __name__ == '__main__':\n    unittest.main()\n")
-    assert verdict(ADD, unittest_program, isolation=isolation) == Verdict(True, 1.0, "ok: the test program passed")
+    ok = Verdict(True, 1.0, "ok: the test program passed" + note(isolation))
+    assert verdict(ADD, unittest_program, isolation=isolation) == ok
     exit_program = "import sys\nassert add(2, 2) == 4\nsys.exit(0)\n"
-    assert verdict(ADD, exit_program, isolation=isolation) == Verdict(True, 1.0, "ok: the test program passed")
+    assert verdict(ADD, exit_program, isolation=isolation) == ok
     # the same, when the test program must run inside the program (a loop): still correct, and flagged
     loop_program = "import sys\nfor i in range(3):\n    assert add(i, i) == 2 * i\nsys.exit(0)\n"
     v = verdict(ADD, loop_program, isolation=isolation)
-    assert v == Verdict(True, 1.0, "ok: the test program passed (judged inside the program, which could forge it)")
+    assert v == Verdict(True, 1.0, "ok: the test program passed (judged inside the program, which could forge it)"
+                           + note(isolation))
     loud = ADD + "\nimport sys, logging\nprint('noise', file=sys.stderr)\nlogging.warning('careful')\nsys.exit(0)"
     assert verdict(loud, ["assert add(1, 1) == 2"], isolation=isolation).correct
     v = verdict("import sys\nprint(sum(map(int, sys.stdin.read().split())))\nprint('dbg', file=sys.stderr)",
                 problem={"stdin": "4 5 6\n", "answer": 15}, isolation=isolation)
-    assert v == Verdict(True, 1.0, "ok: output matches the answer")
+    assert v == Verdict(True, 1.0, "ok: output matches the answer" + note(isolation))
 
 
 def test_partial_score_two_of_three():
@@ -498,7 +509,7 @@ def add(a, b):
 
 
 @NEEDS_BOUNDARY
-@pytest.mark.skipif(BOUNDARY.cgroups is None, reason=f"no cgroups here: {BOUNDARY.cgroup_note}")
+@pytest.mark.skipif(BOUNDARY.available and BOUNDARY.cgroups is None, reason=f"no cgroups here: {BOUNDARY.cgroup_note}")
 def test_boundary_limits_tasks_and_memory():
     program = (
         "import threading, time\nthreading.stack_size(64 * 1024)\nn = 0\n"
@@ -570,7 +581,7 @@ def test_verify_batch_keeps_order_and_is_bounded():
     items = [pool[i % len(pool)] for i in range(40)]
     problems = [{"prompt": str(i), **({"tests": t} if t is not None else {})} for i, (_, t) in enumerate(items)]
     completions = [f"```python\n{src}\n```" for src, _ in items]
-    verifier = CodeVerifier(cpu_seconds=1, wall_seconds=1.5, memory_mb=256, num_workers=2)
+    verifier = CodeVerifier(cpu_seconds=1, wall_seconds=1.5, memory_mb=256, num_workers=2, isolation=DEFAULT_LEVEL)
     start = time.monotonic()
     verdicts = verifier.verify_batch(problems, completions)
     elapsed = time.monotonic() - start
