@@ -148,7 +148,13 @@ def _base_model(model):
 def _cache_kwarg(model) -> str:
     """transformers >= 5.x names the cache argument ``cache`` (``past_key_values`` before, deprecated)."""
     params = inspect.signature(_base_model(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+
+
+def _keeps_last_logits(model) -> bool:
+    """Whether the forward takes ``logits_to_keep`` (every causal LM of transformers does; remote code may not)."""
+    params = inspect.signature(_base_model(model).forward).parameters
+    return "logits_to_keep" in params
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -492,6 +498,7 @@ class _Run:
         self.sample = _Sampler(sampling, generator)
         self.eos = set(_eos_ids(model, engine.tokenizer))
         self.pad = engine.tokenizer.pad_token_id
+        self.forward_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if _keeps_last_logits(model) else {})}
         self.cache_kwarg = _cache_kwarg(model)
         self.refill_every = engine.refill_every
         # stop strings are looked for in the decoding of a row's last tokens (enough for the longest one)
@@ -506,12 +513,8 @@ class _Run:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kwarg: cache},
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            **self.forward_kwargs, **{self.cache_kwarg: cache},
         )
         return out.logits[:, -1]
 
