@@ -240,10 +240,17 @@ _FIELD_CHECKS = {
     "new": _check_any,
     "old_score": _check_score,
     "new_score": _check_score,
+    "score": _check_score,
 }
 
 
 # ------------------------------------------------------------------------------------ validation
+
+
+def check_field(name: str, value, *, source: str, row: int | None, field: str | None = None) -> None:
+    """Check one non-null value as the record field ``name`` is checked (``prompt``, ``response``, ``answer``,
+    ``id``, ``score``, ...); :class:`RecordError` naming ``source``, ``row`` and ``field`` (default ``name``)."""
+    _FIELD_CHECKS[name](value, source, row, name if field is None else field)
 
 
 def get_schema(kind: str) -> Schema:

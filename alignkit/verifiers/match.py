@@ -31,11 +31,28 @@ MODES = ("exact", "normalized", "regex", "numeric")
 EXTRACTS = ("none", "last_line", "answer")
 
 _TRAILING_PUNCTUATION = ".,;:!?\u3002"
+_ASCII_TRAILING_PUNCTUATION = "".join(c for c in _TRAILING_PUNCTUATION if c.isascii())
 
 
 def normalize(text: str) -> str:
     """Casefolded, whitespace collapsed to single spaces, stripped, trailing punctuation dropped."""
     return " ".join(text.casefold().split()).rstrip(_TRAILING_PUNCTUATION).rstrip()
+
+
+def normalize_arrow(strings):
+    """:func:`normalize` of an Arrow string array whose strings are ASCII, vectorised (``pyarrow.compute``).
+
+    ``utf8_split_whitespace`` splits on exactly the ASCII characters ``str.split()`` splits on (with the
+    \\x1c-\\x1f separators); it keeps empty edge pieces, which the trim removes. Beyond ASCII, casefolding
+    is not lowercasing: give non-ASCII strings to :func:`normalize`.
+    """
+    import pyarrow.compute as pc
+
+    arr = pc.ascii_lower(strings)
+    arr = pc.binary_join(pc.utf8_split_whitespace(arr), " ")
+    arr = pc.ascii_trim(arr, characters=" ")
+    arr = pc.ascii_rtrim(arr, characters=_ASCII_TRAILING_PUNCTUATION)
+    return pc.ascii_rtrim(arr, characters=" ")
 
 
 def last_line(text: str) -> str | None:
