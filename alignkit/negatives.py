@@ -17,17 +17,15 @@ JSON Lines (:func:`write_jsonl`, :func:`read_rollouts`), so ``alignkit rollout``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
+from alignkit.cache import write_jsonl  # noqa: F401  (the one atomic JSON Lines writer; re-exported)
 from alignkit.data.records import RecordError, is_conversational
 from alignkit.rollout.base import RolloutEngine, SamplingConfig
 from alignkit.verifiers.base import Verifier
@@ -275,22 +273,6 @@ def negative_records(
 
 
 # ------------------------------------------------------------------------------------ files
-
-
-def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
-    """Write rows as JSON Lines, atomically (a crash never leaves a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_prompt_rows(path: str | os.PathLike, prompt_field: str = "prompt") -> list[dict]:

@@ -33,8 +33,6 @@ Two options every method gets (both off by default; off, nothing changes and no 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 from collections import defaultdict
@@ -45,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from alignkit.cache import CacheEntry, cached, json_digest, model_key, read_torch, write_torch
 from alignkit.data.collate import LAYOUTS, GroupCollator
 from alignkit.data.loading import load_records
 from alignkit.data.tokenize import tokenize_group
@@ -281,40 +280,27 @@ class AlignTrainer(Trainer):
                     return score_responses(model, batch, **score_kwargs)
             return score_responses(self.ref_model, batch, **score_kwargs)
 
-    def _fingerprint(self, dataset) -> str:
-        model = self.ref_model if self.ref_model is not None else self.model
-        inner = self.accelerator.unwrap_model(model)
-        params = [p for p in inner.parameters()]
-        digest = [float(params[0].detach().float().norm()), float(params[-1].detach().float().norm())]
-        key = {
-            "model": getattr(inner.config, "_name_or_path", ""),
-            "weights": digest,
-            "data": getattr(dataset, "_fingerprint", None),
-            "rows": len(dataset),
-            "layout": self.args.score_layout,
-            "max_length": self.args.max_length,
-            "max_prompt_length": self.args.max_prompt_length,
-        }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    def reference_cache_key(self, dataset) -> dict:
+        """What the precomputed reference log-probs of ``dataset`` depend on: the reference model (name and
+        the digest of every weight, adapter included) and the tokens scored."""
+        model = self.accelerator.unwrap_model(self.ref_model if self.ref_model is not None else self.model)
+        tokens = json_digest([[p, r] for p, r in zip(dataset["prompt_ids"], dataset["response_ids"])])
+        return {"kind": "reference_logps", "version": 2, **model_key(model, exclude=()), "tokens": tokens,
+                "rows": len(dataset)}
 
     def precompute_reference_logps(self, dataset, name: str):
         """Add a ``ref_logps`` column (one value per response) computed with the reference model.
 
-        The values are cached under ``ref_logps_cache_dir`` keyed by model, weights digest, data and
-        tokenization settings, so a resumed or repeated run does not recompute them.
+        The values are cached under ``ref_logps_cache_dir`` (:mod:`alignkit.cache`) keyed by the reference
+        model's full weights digest and the tokens, so a resumed or repeated run does not recompute them
+        and a run with other weights or data never reuses them.
         """
         if "ref_logps" in dataset.column_names:
             return dataset
         cache_dir = self.args.ref_logps_cache_dir or os.path.join(self.args.output_dir, "ref_logps")
-        path = os.path.join(cache_dir, f"{name}-{self._fingerprint(dataset)}.pt")
-        if os.path.exists(path):
-            values = torch.load(path)
-        else:
-            values = self._compute_reference_logps(dataset, name)
-            if self.accelerator.is_main_process:
-                os.makedirs(cache_dir, exist_ok=True)
-                torch.save(values, path + ".tmp")
-                os.replace(path + ".tmp", path)
+        entry = CacheEntry.named(cache_dir, name, self.reference_cache_key(dataset), ".pt")
+        values = cached(entry, lambda: self._compute_reference_logps(dataset, name), read=read_torch,
+                        write=write_torch, collective=True, what=f"reference log-probs ({name})")
         return dataset.add_column("ref_logps", values)
 
     def _compute_reference_logps(self, dataset, name: str) -> list[list[float]]:
