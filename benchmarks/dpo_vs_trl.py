@@ -1,20 +1,39 @@
-"""alignkit DPOTrainer vs trl.DPOTrainer: throughput and peak memory on the same model, data and batch.
+"""alignkit DPOTrainer vs trl.DPOTrainer (TRL 1.16): tokens per CPU-second and peak memory growth, side by side.
 
-    python benchmarks/dpo_vs_trl.py [--steps 10] [--warmup 3] [--batch 8]
+    python benchmarks/dpo_vs_trl.py [--vocabs 450,32000,151936] [--modes full,lora] [--ratios 1,4]
+                                    [--steps 2] [--warmup 1] [--batch 2] [--response_tokens 32] [--threads 1]
 
-Model: a Qwen2 of ~14M parameters built offline (hidden 384, 6 layers, the tiny tokenizer).
-Data: synthetic preference pairs whose prompt:response token lengths are 1:1 or 4:1.
-For each setting (full fine-tuning with a frozen reference copy, and LoRA with the adapter-disabled
-reference) it trains each implementation for ``warmup + steps`` optimizer steps in a fresh
-subprocess and reports
+Model: a Qwen2 of ~14M parameters before its embedding (hidden 384, 6 layers, tied embeddings, the tiny
+tokenizer), built offline, with its vocabulary resized to each ``--vocabs`` size (the output head grows
+with it, as in real models: 32,000 is Llama-2's, 151,936 Qwen2's; the extra rows are never targets).
+Data: synthetic preference pairs whose prompt:response token lengths are ``ratio``:1.
+Settings: ``full`` (full fine-tuning, a frozen reference copy) and ``lora`` (r = 16 on all linear layers,
+the reference is the adapter-disabled model). fp32 everywhere (TRL's bf16 default is turned off), one
+torch thread.
 
-* tokens/s: tokens of (prompt + chosen) + (prompt + rejected) per pair, the same count for every
-  implementation, divided by the wall time of the timed steps;
-* peak memory: CUDA max allocated on a GPU; on CPU the growth of the process's peak RSS from just
-  before training to the end (model and data loading excluded).
+Rows, each trained for ``warmup + steps`` optimizer steps in a fresh subprocess:
 
-alignkit runs twice: with the default shared-prompt layout and with the padded layout (the
-prompt repeated per response, as TRL does), to separate the layout's effect from the rest.
+* ``TRL default``: ``trl.DPOConfig`` as shipped (gradient checkpointing on);
+* ``TRL best``: TRL's best CPU settings, gradient checkpointing off;
+* ``TRL best, precomputed ref``: the same with ``precompute_ref_log_probs=True`` (no reference forward in the
+  training steps);
+* ``alignkit``: ``alignkit.trainers.DPOTrainer`` with its defaults (``score_layout='auto'``: the prompt runs once
+  with a KV cache for both responses, :mod:`alignkit.data.collate`; the tiled output head,
+  :mod:`alignkit.output_head`);
+* ``alignkit, precomputed ref``: ``reference='precomputed'``.
+
+Measures:
+
+* tokens per CPU-second: tokens of (prompt + chosen) + (prompt + rejected) per pair, the same count for every
+  row, divided by the process CPU time (``time.process_time``) of the timed steps: the load of other processes
+  on a shared machine inflates wall time, not this. Wall-clock tokens/s are kept in the JSON;
+* peak memory growth: CUDA max allocated on a GPU; on CPU the peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) during training minus the resident set just before it. Model loading, trainer set-up
+  and the precomputation of reference log-probs (TRL does it in its constructor, alignkit before its first
+  dataloader; both are run before the measurement) are excluded.
+
+Speed-ups compare alignkit with TRL at its best (no gradient checkpointing): live reference with live
+reference, precomputed with precomputed.
 """
 
 from __future__ import annotations
@@ -22,13 +41,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
-IMPLEMENTATIONS = ("trl", "alignkit-padded", "alignkit-shared")
+IMPLEMENTATIONS = ("trl-default", "trl-best", "trl-best-precomputed", "alignkit", "alignkit-precomputed")
+TITLES = {"trl-default": "TRL default", "trl-best": "TRL best", "trl-best-precomputed": "TRL best, precomputed ref",
+          "alignkit": "alignkit", "alignkit-precomputed": "alignkit, precomputed ref"}
+BASE_MODEL = "alignkit-bench-qwen2-14m"
+
+
+def bench_model(vocab: int) -> str:
+    """The benchmark model with its vocabulary (embedding and tied head) resized to ``vocab``; built once."""
+    from alignkit.modeling import make_tiny_model
+
+    base = make_tiny_model(os.path.join(tempfile.gettempdir(), BASE_MODEL), "qwen2", hidden_size=384, num_layers=6)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(tempfile.gettempdir(), f"{BASE_MODEL}-vocab{vocab}")
+    marker = os.path.join(path, "alignkit_bench_vocab.json")
+    if os.path.exists(marker):
+        return path
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if vocab != model.config.vocab_size:
+        torch.manual_seed(0)
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    tmp = tempfile.mkdtemp(dir=tempfile.gettempdir())
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    with open(os.path.join(tmp, "alignkit_bench_vocab.json"), "w") as f:
+        json.dump({"vocab": vocab, "base": base}, f)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # built by another process meanwhile
+        pass
+    return path
 
 
 def _pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int, seed: int = 0):
@@ -42,16 +91,14 @@ def _pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int, seed: in
         while len(tokenizer(out).input_ids) < target:
             out += texts[k % len(texts)] + "\n"
             k += 1
-        ids = tokenizer(out).input_ids[:target]
-        return tokenizer.decode(ids)
+        return tokenizer.decode(tokenizer(out).input_ids[:target])
 
     pairs = []
     for i in range(n):
         a, b = pool[2 * i], pool[2 * i + 1]
-        prompt = fill([a["prompt"], b["prompt"]], prompt_tokens)
-        chosen = fill([a["chosen"], b["chosen"]], response_tokens)
-        rejected = fill([a["rejected"], b["rejected"]], response_tokens)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        pairs.append({"prompt": fill([a["prompt"], b["prompt"]], prompt_tokens),
+                      "chosen": fill([a["chosen"], b["chosen"]], response_tokens),
+                      "rejected": fill([a["rejected"], b["rejected"]], response_tokens)})
     return pairs
 
 
@@ -63,7 +110,29 @@ def _pair_tokens(tokenizer, pairs) -> list[int]:
     return out
 
 
+def _rss_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def worker(args) -> dict:
+    import resource
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -71,8 +140,7 @@ def worker(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     total_steps = args.warmup + args.steps
     n = args.batch * total_steps
-    prompt_len = args.response_tokens * args.ratio
-    pairs = _pairs(tokenizer, n, prompt_len, args.response_tokens)
+    pairs = _pairs(tokenizer, n, args.response_tokens * args.ratio, args.response_tokens)
     tokens = _pair_tokens(tokenizer, pairs)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     peft_config = None
@@ -84,119 +152,166 @@ def worker(args) -> dict:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times = []
+            self.cpu, self.wall = [], []
 
         def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0 = (time.process_time(), time.perf_counter())
 
         def on_step_end(self, a, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.t0[0])
+            self.wall.append(time.perf_counter() - self.t0[1])
 
     timer = Timer()
+    cuda = torch.cuda.is_available()
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=total_steps, per_device_train_batch_size=args.batch,
                   learning_rate=1e-5, report_to="none", save_strategy="no", logging_steps=10_000, seed=0,
-                  use_cpu=not torch.cuda.is_available(), max_length=None, disable_tqdm=True,
-                  train_sampling_strategy="sequential", bf16=False, dataloader_num_workers=0)
-    if args.impl == "trl":
+                  use_cpu=not cuda, max_length=None, disable_tqdm=True, train_sampling_strategy="sequential",
+                  bf16=False, dataloader_num_workers=0)
+    precomputed = args.impl.endswith("-precomputed")
+    if args.impl.startswith("trl"):
         import trl
         from datasets import Dataset
 
-        config = trl.DPOConfig(loss_type=["sigmoid"], beta=0.1, **common)
+        if args.impl != "trl-default":
+            common["gradient_checkpointing"] = False
+        config = trl.DPOConfig(loss_type=["sigmoid"], beta=0.1, precompute_ref_log_probs=precomputed, **common)
         trainer = trl.DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+        checkpointing = config.gradient_checkpointing
     else:
         from alignkit.trainers import DPOConfig, DPOTrainer
 
-        layout = "padded" if args.impl == "alignkit-padded" else "shared_prompt"
-        config = DPOConfig(beta=0.1, score_layout=layout, **common)
+        config = DPOConfig(beta=0.1, reference="precomputed" if precomputed else "auto", **common)
         trainer = DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[timer])
+        trainer._ensure_reference_logps()  # what its first dataloader does; TRL precomputes in its constructor
+        checkpointing = config.gradient_checkpointing
 
-    if torch.cuda.is_available():
+    if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = _reset_peak_rss()
+    rss_before = _rss_kb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     trainer.train()
-    if torch.cuda.is_available():
+    if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    timed = timer.times[args.warmup :]
+        peak = _rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = (peak - rss_before) / 1024
+    timed = slice(args.warmup, None)
     timed_tokens = sum(tokens[args.batch * args.warmup : args.batch * total_steps])
-    return {"impl": args.impl, "mode": args.mode, "ratio": args.ratio, "seconds": sum(timed),
-            "tokens_per_s": timed_tokens / sum(timed), "peak_mb": peak_mb, "steps": len(timed)}
+    return {"impl": args.impl, "mode": args.mode, "ratio": args.ratio, "vocab": args.vocab,
+            "cpu_seconds": sum(timer.cpu[timed]), "wall_seconds": sum(timer.wall[timed]),
+            "tokens_per_cpu_s": timed_tokens / sum(timer.cpu[timed]), "tokens_per_s": timed_tokens / sum(timer.wall[timed]),
+            "peak_mb": peak_mb, "memory": "cuda max allocated" if cuda else ("VmHWM" if reset else "ru_maxrss"),
+            "steps": len(timer.cpu[timed]), "gradient_checkpointing": bool(checkpointing), "tokens": timed_tokens}
+
+
+def _row(by, vocab, mode, ratio):
+    return {impl: by.get((vocab, mode, ratio, impl)) for impl in IMPLEMENTATIONS}
+
+
+def print_table(results, vocabs, modes, ratios) -> None:
+    by = {(r["vocab"], r["mode"], r["ratio"], r["impl"]): r for r in results}
+    rate = lambda r: "–" if r is None else f"{r['tokens_per_cpu_s']:.0f}"  # noqa: E731
+    mem = lambda r: "–" if r is None else f"{r['peak_mb']:.0f}"  # noqa: E731
+    ratio_of = lambda a, b, key: "–" if a is None or b is None else f"{a[key] / max(b[key], 1e-9):.2f}x"  # noqa: E731
+    print("\ntokens per CPU-second (higher is better)\n")
+    print("| vocab | mode | P:R | " + " | ".join(TITLES[i] for i in IMPLEMENTATIONS)
+          + " | alignkit / TRL best | precomputed: alignkit / TRL |")
+    print("|---" * (len(IMPLEMENTATIONS) + 5) + "|")
+    for vocab in vocabs:
+        for mode in modes:
+            for ratio in ratios:
+                r = _row(by, vocab, mode, ratio)
+                print(f"| {vocab:,} | {mode} | {ratio}:1 | " + " | ".join(rate(r[i]) for i in IMPLEMENTATIONS)
+                      + f" | {ratio_of(r['alignkit'], r['trl-best'], 'tokens_per_cpu_s')} | "
+                      f"{ratio_of(r['alignkit-precomputed'], r['trl-best-precomputed'], 'tokens_per_cpu_s')} |")
+    print("\npeak memory growth during training, MB (lower is better)\n")
+    print("| vocab | mode | P:R | " + " | ".join(TITLES[i] for i in IMPLEMENTATIONS)
+          + " | alignkit / TRL best | precomputed: alignkit / TRL |")
+    print("|---" * (len(IMPLEMENTATIONS) + 5) + "|")
+    for vocab in vocabs:
+        for mode in modes:
+            for ratio in ratios:
+                r = _row(by, vocab, mode, ratio)
+                print(f"| {vocab:,} | {mode} | {ratio}:1 | " + " | ".join(mem(r[i]) for i in IMPLEMENTATIONS)
+                      + f" | {ratio_of(r['alignkit'], r['trl-best'], 'peak_mb')} | "
+                      f"{ratio_of(r['alignkit-precomputed'], r['trl-best-precomputed'], 'peak_mb')} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--response_tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocabs", default="450,32000,151936", help="vocabulary sizes (450: the tiny tokenizer's)")
     parser.add_argument("--modes", default="full,lora")
-    parser.add_argument("--ratios", default="1,4")
-    parser.add_argument("--model", default=None, help="model dir (default: build the ~14M benchmark model)")
+    parser.add_argument("--ratios", default="1,4", help="prompt:response token ratios")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2, help="pairs per step")
+    parser.add_argument("--response_tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write the results here (after every run)")
+    parser.add_argument("--resume", action="store_true", help="skip the runs already in --json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ratio", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.worker:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    if args.model is None:
-        from alignkit.modeling import make_tiny_model
-
-        args.model = make_tiny_model(os.path.join(tempfile.gettempdir(), "alignkit-bench-qwen2-14m"), "qwen2",
-                                     hidden_size=384, num_layers=6)
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(args.model)
-    n_params = (cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
-        2 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * cfg.hidden_size * cfg.num_key_value_heads
-        // cfg.num_attention_heads + 3 * cfg.hidden_size * cfg.intermediate_size))
-    print(f"model: Qwen2 ~{n_params / 1e6:.1f}M params (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-          f"vocab {cfg.vocab_size}); batch {args.batch} pairs; {args.warmup} warm-up + {args.steps} timed steps; "
-          f"response {args.response_tokens} tokens; fp32; {args.threads} threads", flush=True)
-
+    vocabs = [int(v) for v in args.vocabs.split(",")]
+    modes, ratios = args.modes.split(","), [int(r) for r in args.ratios.split(",")]
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = set(impls) - set(IMPLEMENTATIONS)
+    if unknown:
+        raise SystemExit(f"--impls: unknown {sorted(unknown)}; choose from {IMPLEMENTATIONS}")
     results = []
-    for mode in args.modes.split(","):
-        for ratio in [int(r) for r in args.ratios.split(",")]:
-            for impl in IMPLEMENTATIONS:
-                cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--mode", mode, "--ratio", str(ratio),
-                       "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--batch", str(args.batch), "--response_tokens", str(args.response_tokens),
-                       "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"worker failed: {impl} {mode} {ratio}")
-                results.append(json.loads(line[len("RESULT ") :]))
-                r = results[-1]
-                print(f"  {mode:4s} {ratio}:1 {impl:16s} {r['tokens_per_s']:9.0f} tok/s  {r['peak_mb']:7.1f} MB",
-                      flush=True)
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            results = json.load(f)
+    done = {(r["vocab"], r["mode"], r["ratio"], r["impl"]) for r in results}
+    import trl
 
-    print()
-    header = ("| mode | prompt:response | TRL tok/s | alignkit padded tok/s | alignkit shared tok/s | "
-              "speed-up padded | speed-up shared | TRL peak MB | alignkit shared peak MB | memory ratio |")
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
-    by = {(r["mode"], r["ratio"], r["impl"]): r for r in results}
-    for mode in args.modes.split(","):
-        for ratio in [int(r) for r in args.ratios.split(",")]:
-            t, p, s = (by[(mode, ratio, i)] for i in IMPLEMENTATIONS)
-            print(f"| {mode} | {ratio}:1 | {t['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | {s['tokens_per_s']:.0f} | "
-                  f"{p['tokens_per_s'] / t['tokens_per_s']:.2f}x | {s['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
-                  f"{t['peak_mb']:.0f} | {s['peak_mb']:.0f} | {s['peak_mb'] / max(t['peak_mb'], 1e-9):.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    print(f"TRL {trl.__version__}; Qwen2 hidden 384, 6 layers, tied embeddings; {args.batch} pairs per step; "
+          f"{args.warmup} warm-up + {args.steps} timed steps; response {args.response_tokens} tokens; fp32; "
+          f"{args.threads} torch thread(s)", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    for vocab in vocabs:
+        model = bench_model(vocab)
+        for mode in modes:
+            for ratio in ratios:
+                for impl in impls:
+                    if (vocab, mode, ratio, impl) in done:
+                        continue
+                    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--mode", mode,
+                           "--ratio", str(ratio), "--vocab", str(vocab), "--model", model, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--batch", str(args.batch),
+                           "--response_tokens", str(args.response_tokens), "--threads", str(args.threads)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+                    if line is None:
+                        print(proc.stderr[-3000:], file=sys.stderr)
+                        raise SystemExit(f"worker failed: {impl} {mode} {ratio}:1 vocab {vocab}")
+                    r = json.loads(line[len("RESULT ") :])
+                    results.append(r)
+                    print(f"  vocab {vocab:>7,} {mode:4s} {ratio}:1 {TITLES[impl]:27s} {r['tokens_per_cpu_s']:7.0f} "
+                          f"tok/CPU-s {r['tokens_per_s']:7.0f} tok/s  {r['peak_mb']:7.0f} MB", flush=True)
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump(results, f, indent=2)
+    print_table(results, vocabs, modes, ratios)
 
 
 if __name__ == "__main__":

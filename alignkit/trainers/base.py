@@ -61,8 +61,11 @@ class AlignConfig(TrainingArguments):
     max_length: int | None = field(default=1024, metadata={"help": "Max prompt + response tokens per sequence."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Longer prompts keep their end."})
     score_layout: str = field(
-        default="shared_prompt",
-        metadata={"help": "shared_prompt (prompt forwarded once per group; sdpa/eager) or padded (any attention)."},
+        default="auto",
+        metadata={"help": "auto (per batch, whichever of the three below a cost model rates cheapest for the "
+                          "model; the rule is in alignkit.data.collate), prompt_kv (prompts once with a KV cache, "
+                          "responses against it), shared_prompt (prompt once per packed row; sdpa/eager) or padded "
+                          "(any attention)."},
     )
     reference: str = field(default="auto", metadata={"help": f"Reference policy: one of {REFERENCE_MODES}."})
     ref_logps_cache_dir: str | None = field(
