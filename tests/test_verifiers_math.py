@@ -527,6 +527,20 @@ def mixed_batch(n_arithmetic: int, seed: int) -> tuple[list[dict], list[str]]:
     return problems, completions
 
 
+def test_recurring_pairs_are_judged_once(monkeypatch):
+    """K samples of a problem often end alike: each distinct (gold, completion) goes to math-verify once."""
+    import math_verify
+
+    calls = []
+    real_verify = math_verify.verify
+    monkeypatch.setattr(math_verify, "verify", lambda *a, **k: calls.append(1) or real_verify(*a, **k))
+    problems = [{"prompt": f"p{i // 8}", "answer": rf"{i // 8 + 2}\sqrt{{2}}"} for i in range(48)]
+    completions = [rf"So $\boxed{{\sqrt{{{2 * (i // 8 + 2) ** 2 + (i % 2)}}}}}$." for i in range(48)]
+    verdicts = MathVerifier().verify_batch(problems, completions, num_workers=1)
+    assert [v.correct for v in verdicts] == [i % 2 == 0 for i in range(48)]
+    assert len(calls) == 12  # 6 problems x 2 distinct completions
+
+
 def test_verify_batch_parallel_equals_serial():
     problems, completions = mixed_batch(260, seed=11)
     assert len(problems) == 260 + 26 + 13

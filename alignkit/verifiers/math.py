@@ -562,6 +562,7 @@ class MathVerifier(Verifier):
     """
 
     name = "math"
+    problem_fields = (("answer",), ("solution",))  # the gold answer, or a solution to take it from
     parallel_min_items = 8  # the items sent to workers are the math-verify ones, a few ms each
 
     def __init__(
@@ -649,15 +650,28 @@ class MathVerifier(Verifier):
     def verify_batch(
         self, problems: Sequence[Mapping], completions: Sequence, *, num_workers: int | None = None
     ) -> list[Verdict]:
-        """One verdict per pair, in order. Plain numbers are decided here, serially (microseconds each:
-        a worker process would cost more than it saves); the rest go to the worker pool."""
+        """One verdict per pair, in order. A (gold, completion) pair that recurs (K samples of a problem
+        often end alike) is judged once; plain numbers are decided here, serially (microseconds each: a
+        worker process would cost more than it saves); the rest go to the warm worker pool."""
         texts, workers = self._batch_texts(problems, completions, num_workers)
         out: list[Verdict | None] = [None] * len(texts)
+        first_of: dict[tuple, int] = {}  # (gold, text, gold from the solution) -> the first item with it
+        copies: list[tuple[int, int]] = []
         rest = []
         for i, (problem, text) in enumerate(zip(problems, texts)):
             try:
-                out[i] = self.fast_verify(gold_answer(problem), text)
-            except Exception:  # a bad problem: the bounded path reports it
+                gold = gold_answer(problem)
+            except ValueError:
+                rest.append(i)  # a bad problem: the bounded path reports it
+                continue
+            key = (gold, text, problem.get("answer") is None)
+            if key in first_of:
+                copies.append((i, first_of[key]))
+                continue
+            first_of[key] = i
+            try:
+                out[i] = self.fast_verify(gold, text)
+            except Exception:  # the bounded path gives the same verdict or names the error
                 out[i] = None
             if out[i] is None:
                 rest.append(i)
@@ -665,6 +679,8 @@ class MathVerifier(Verifier):
             verdicts = super().verify_batch([problems[i] for i in rest], [texts[i] for i in rest], num_workers=workers)
             for i, verdict in zip(rest, verdicts):
                 out[i] = verdict
+        for i, first in copies:
+            out[i] = out[first]
         return out
 
 
