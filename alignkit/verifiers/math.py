@@ -23,15 +23,19 @@ How a completion is judged (:class:`MathVerifier`), following math-verify's own 
    the gold case-, space-, ``$``- and ``\\text{}``-insensitively.
 
 **Plain-number fast path.** SymPy makes math-verify cost ~0.3 ms even for ``The answer is 32.``
-(``sympy.Number`` of the extracted string parses it as Python code). A text with no ``$``, ``\\`` or
-``[`` cannot match any of math-verify's LaTeX patterns, so its parse is decided by math-verify's
-expression patterns alone: :func:`plain_number` runs those very patterns (``lazy_expr_regex``) in
-math-verify's order (priority groups, rightmost match first) and builds the number as its
-``extract_expr`` does, without SymPy. Two such numbers are compared as math-verify compares two
-SymPy numbers (the extracted strings equal; integers exactly; with a decimal, rounded to
-``precision`` places), and only when the outcome is certain: a percentage, an expression match
-(``36 - 4``), more than 15 significant digits or a difference within rounding distance goes to
-math-verify. ``tests/test_verifiers_math.py`` checks the fast verdicts against math-verify's.
+(``sympy.Number`` parses the extracted string as Python code) and milliseconds for ``$\\boxed{72}$``
+(an ANTLR parse). :func:`plain_number` runs math-verify's own compiled extraction patterns
+(``get_extraction_regexes``) in its order (priority groups; in a group the rightmost match first)
+and takes the match it would try first; when that is a plain number it builds what math-verify would:
+the number string of ``extract_expr``, or the LaTeX normalised by latex2sympy's ``normalize_latex``
+as ``extract_latex`` does, when that is an integer, a decimal or ``\\frac{a}{b}`` (which latex2sympy
+reads as ``Integer``, ``Float``, ``Rational``). A text with no ``$``, ``\\`` or ``[`` can match
+none of the LaTeX patterns, so only the expression patterns run (microseconds). Two such numbers are
+compared as math-verify compares two SymPy numbers (the extracted strings equal; integers and
+fractions exactly; with a decimal, rounded to ``precision`` places), and only when the outcome is
+certain: a percentage, an expression (``36 - 4``, ``\\sqrt{2}``), several values, more than 15
+significant digits or a difference within rounding distance goes to math-verify.
+``tests/test_verifiers_math.py`` checks the fast verdicts against math-verify's.
 
 Protections kept:
 
@@ -352,7 +356,6 @@ _MATH_WORDS = frozenset(
 )
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _WORD_ANSWER = re.compile(r"[A-Za-z][A-Za-z'\u2019\- ,.;:!?()]*")
-_SHORT_WORDS = frozenset(("pi", "ln", "dx", "dy", "iff"))
 
 
 _ENVIRONMENT = re.compile(r"\\(?:begin|end)\s*\{[a-zA-Z*]*\}")
@@ -372,8 +375,9 @@ def _is_word_answer(gold: str) -> bool:
     text = _TEXT_WRAPPER.sub(r"\1", gold).strip()
     if not _WORD_ANSWER.fullmatch(text):
         return False
-    words = re.findall(r"[A-Za-z]{2,}", text)
-    return any(w.lower() not in _MATH_WORDS and w.lower() not in _SHORT_WORDS for w in words)
+    if text.strip(" .!").casefold() == "no":
+        return True
+    return any(w.lower() not in _MATH_WORDS for w in _WORD.findall(text))  # "ab" or "xy" stay math
 
 
 def _gold_as_written(gold: str) -> bool:
