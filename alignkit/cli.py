@@ -21,9 +21,13 @@ def _train(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         print("usage: alignkit train RECIPE.yaml [--key value ...]", file=sys.stderr)
         return 2
+    from alignkit.output_dir import locked_output_dir
     from alignkit.recipes import parse_recipe, run_recipe
 
-    run_recipe(*parse_recipe(argv[0], argv[1:]))
+    method, config, *rest = parse_recipe(argv[0], argv[1:])
+    # one writer per output_dir, from before the model loads until the final model is saved
+    with locked_output_dir(config.output_dir, is_main=config.process_index == 0, num_processes=config.world_size):
+        run_recipe(method, config, *rest)
     _close_process_group()
     return 0
 
@@ -250,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import logging
 
-    from alignkit.data.records import RecordError
-
     # alignkit's own progress messages (round statistics, cache hits) on stderr; libraries keep theirs
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[alignkit] %(message)s"))
@@ -262,9 +264,55 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (RecordError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
-        print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"alignkit {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted into the exit-code contract below
+        if not is_input_error(e):
+            import traceback
+
+            traceback.print_exc()
+            print(f"alignkit {argv[0]}: internal error (exit {EXIT_BUG}): this is a bug, please report it "
+                  "with the traceback above", file=sys.stderr)
+            return EXIT_BUG
+        message = " ".join(str(e).split()) or type(e).__name__  # bad input: one line, not a traceback
+        print(f"alignkit {argv[0]}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+# Exit codes of every command (README, "Exit codes"): 0 success, 1 a gate failed (alignkit flips
+# --max-nfr), 2 bad input or usage (argparse's own code too), 3 an internal error (a bug: traceback shown).
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_BUG = 3
+_INPUT_ERROR_MODULES = ("alignkit", "transformers.training_args", "transformers.hf_argparser", "yaml", "argparse")
+
+
+def is_input_error(error: BaseException) -> bool:
+    """Whether ``error`` is about the command's input (exit 2, one line) rather than a bug (exit 3).
+
+    Input errors: the named ones (a bad record, an unusable output_dir or checkpoint, a malformed recipe),
+    an ``OSError`` about a path (a missing or unwritable file), and a ``ValueError`` raised by a check in
+    alignkit itself or in the recipe/argument parsers. A ``ValueError`` raised deep inside a library while
+    computing is a bug, as is every other exception.
+    """
+    from alignkit.checkpoints import CheckpointError
+    from alignkit.data.records import RecordError
+    from alignkit.output_dir import OutputDirError
+
+    if isinstance(error, (RecordError, CheckpointError, OutputDirError)):
+        return True
+    if isinstance(error, OSError):
+        return error.filename is not None
+    if type(error).__module__.split(".")[0] == "yaml":  # a recipe that is not valid YAML
+        return True
+    if isinstance(error, ValueError) and not isinstance(error, UnicodeError):
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+        return module.startswith(_INPUT_ERROR_MODULES)
+    return False
 
 
 if __name__ == "__main__":

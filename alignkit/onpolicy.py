@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from transformers.trainer_utils import get_last_checkpoint
-
+from alignkit.checkpoints import newest_complete_checkpoint
 from alignkit.data.loading import read_json_lines
 from alignkit.negatives import RolloutStats, sample_rollouts, verify_rollouts, write_jsonl
 
@@ -182,7 +181,7 @@ def run_onpolicy_rounds(
                 processing_class=tokenizer,
                 ref_model=ref_model,
             )
-            checkpoint = get_last_checkpoint(str(round_dir)) if resume and round_dir.is_dir() else None
+            checkpoint = newest_complete_checkpoint(round_dir)[0] if resume else None
             trainer.train(resume_from_checkpoint=checkpoint)
             # after train(): it starts a fresh log history, and these describe the data it trained on
             trainer.log({f"rollout/{k}": float(rollout_stats[k]) for k in ROUND_STATS} | {"round": float(r)})

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 
+from alignkit.checkpoints import resolve_resume_checkpoint
 from alignkit.modeling import ModelArguments
 from alignkit.rollout.arguments import RolloutArguments
 
@@ -201,13 +201,10 @@ def _load_source(source: str | None, data_args: DataArguments, kind: str, *, tra
 
 
 def resolve_resume(config) -> str | None:
-    """``resume_from_checkpoint``: a path, or ``auto`` / ``true`` for the last checkpoint in output_dir."""
-    value = config.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "none", ""):
-        return None
-    if str(value).lower() in ("auto", "true", "last"):
-        return get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-    return value
+    """``resume_from_checkpoint``: a path (which must be a complete checkpoint), or ``auto`` / ``true`` /
+    ``last`` for the newest *complete* checkpoint in output_dir, ``None`` when there is none (the newer
+    incomplete ones are logged with the reason they were skipped; :mod:`alignkit.checkpoints`)."""
+    return resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
 
 
 def _records_list(data) -> list[dict]:

@@ -48,6 +48,7 @@ from alignkit.data.collate import LAYOUTS, GroupCollator
 from alignkit.data.loading import load_records
 from alignkit.data.tokenize import tokenize_group
 from alignkit.scoring import ResponseScores, score_responses
+from alignkit.trainers.checkpointing import CheckpointingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-class AlignTrainer(Trainer):
+class AlignTrainer(CheckpointingMixin, Trainer):
     """Base class of the alignkit trainers. Subclasses set ``record_kind`` and implement
     ``group_responses`` and ``compute_batch_loss``."""
 
