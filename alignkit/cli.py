@@ -24,7 +24,14 @@ def _train(argv: list[str]) -> int:
     from alignkit.output_dir import locked_output_dir
     from alignkit.recipes import parse_recipe, run_recipe
 
-    method, config, *rest = parse_recipe(argv[0], argv[1:])
+    import yaml
+
+    try:
+        method, config, *rest = parse_recipe(argv[0], argv[1:])
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{argv[0]}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
     # one writer per output_dir, from before the model loads until the final model is saved
     with locked_output_dir(config.output_dir, is_main=config.process_index == 0, num_processes=config.world_size):
         run_recipe(method, config, *rest)
@@ -75,17 +82,41 @@ def _quickstart(argv: list[str]) -> int:
     return 0
 
 
-def _load_prompts(source: str, limit: int | None) -> list[dict]:
+def _load_prompts(source: str, limit: int | None) -> tuple[list[dict], list[int]]:
+    """The rows to sample from and their row numbers (JSONL line numbers) for error messages."""
     if source.startswith("synthetic:"):
         from alignkit.recipes import DataArguments, load_data
 
         size = limit or 64
         data = load_data(source, DataArguments(synthetic_train_size=size), "problems", train=True)
-        return data.to_list() if hasattr(data, "to_list") else list(data)
-    from alignkit.negatives import read_prompt_rows
+        rows = data.to_list() if hasattr(data, "to_list") else list(data)
+        return rows, list(range(1, len(rows) + 1))
+    from alignkit.negatives import read_numbered_prompt_rows
 
-    rows = read_prompt_rows(source)
-    return rows[:limit] if limit else rows
+    numbered = read_numbered_prompt_rows(source)[:limit] if limit else read_numbered_prompt_rows(source)
+    return [row for _, row in numbered], [line for line, _ in numbered]
+
+
+def _check_context(problems: list[dict], lines: list[int], tokenizer, context: int | None, source: str) -> None:
+    """Refuse a prompt that surely has more tokens than the model's context, without tokenizing it whole."""
+    if not context:
+        return
+    from alignkit.data.records import RecordError
+    from alignkit.data.tokenize import tokens_over
+
+    for line, problem in zip(lines, problems):
+        chat = {"add_generation_prompt": True} if isinstance(problem["prompt"], list) else {}
+        tokens = tokens_over(tokenizer, problem["prompt"], context, **chat)
+        if tokens is not None:
+            raise RecordError(source, line, "prompt", f"prompt has at least {tokens} tokens, more than the model's "
+                                                      f"context of {context} tokens (max_position_embeddings)")
+
+
+def _check_ranges(parser: argparse.ArgumentParser, a, rules: dict) -> None:
+    """``parser.error`` (exit 2) for the first argument outside its range: ``{"--name": (value, ok, wanted)}``."""
+    for name, (value, ok, wanted) in rules.items():
+        if value is not None and not ok(value):
+            parser.error(f"{name} must be {wanted}, got {value}")
 
 
 def _rollout(argv: list[str]) -> int:
@@ -113,6 +144,12 @@ def _rollout(argv: list[str]) -> int:
                         help="text prompts as chat messages: auto (when the tokenizer has a chat template), true, false")
     parser.add_argument("--system_prompt", help="with chat: a system message put first in every prompt")
     a = parser.parse_args(argv)
+    _check_ranges(parser, a, {
+        "-n": (a.n, lambda v: v >= 1, ">= 1"), "--limit": (a.limit, lambda v: v >= 1, ">= 1"),
+        "--temperature": (a.temperature, lambda v: v >= 0, ">= 0"), "--top_p": (a.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "--top_k": (a.top_k, lambda v: v >= 0, ">= 0"), "--max_new_tokens": (a.max_new_tokens, lambda v: v >= 1, ">= 1"),
+        "--batch_size": (a.batch_size, lambda v: v >= 1, ">= 1"),
+    })
 
     import time
 
@@ -121,7 +158,7 @@ def _rollout(argv: list[str]) -> int:
     from alignkit.rollout import make_engine
     from alignkit.rollout.base import SamplingConfig
 
-    problems = _load_prompts(a.prompts, a.limit)
+    problems, lines = _load_prompts(a.prompts, a.limit)
     sampling = SamplingConfig(
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens, stop=a.stop, seed=a.seed
     )
@@ -145,6 +182,8 @@ def _rollout(argv: list[str]) -> int:
         problems = format_records(problems, tokenizer, a.chat, a.system_prompt)
     except ValueError as e:
         parser.error(str(e))
+    if a.backend == "hf":
+        _check_context(problems, lines, tokenizer, getattr(model.config, "max_position_embeddings", None), a.prompts)
     start = time.perf_counter()
     rows = sample_rollouts(engine, problems, a.n, sampling, keep_token_data=not a.no_token_data)
     seconds = time.perf_counter() - start
@@ -179,25 +218,31 @@ def _verify(argv: list[str]) -> int:
     parser.add_argument("--negatives", help="also write negatives-only records (D2O / NPO forget set) here")
     parser.add_argument("--summary_json", help="also write the summary as JSON here")
     a = parser.parse_args(argv)
+    _check_ranges(parser, a, {
+        "--timeout": (a.timeout, lambda v: v > 0, "> 0"), "--num_workers": (a.num_workers, lambda v: v >= 1, ">= 1"),
+        "--pairs_per_prompt": (a.pairs_per_prompt, lambda v: v >= 1, ">= 1"),
+    })
 
     import json
     import time
 
     from alignkit.negatives import (
-        RolloutStats, completion_warnings, negative_records, preference_pairs, read_rollouts, verify_rollouts, write_jsonl,
+        RolloutStats, check_problems, completion_warnings, negative_records, preference_pairs, read_numbered_rollouts,
+        verify_rollouts, write_jsonl,
     )
     from alignkit.verifiers import get_verifier
     from alignkit.verifiers.base import parse_verifier_options
 
-    rows = read_rollouts(a.input)
-    completion_warnings(rows, where=a.input)
+    rows, lines = read_numbered_rollouts(a.input)  # every row checked before anything is verified or written
     try:
         options = parse_verifier_options(a.verifier_option)
     except ValueError as e:
         parser.error(str(e))
     verifier = get_verifier(a.verifier, timeout=a.timeout, num_workers=a.num_workers, **options)
+    check_problems(rows, verifier, source=a.input, row_numbers=lines)  # no gold answer: an error, not a negative
+    completion_warnings(rows, where=a.input)
     start = time.perf_counter()
-    rows = verify_rollouts(rows, verifier, num_workers=a.num_workers, source=a.input)
+    rows = verify_rollouts(rows, verifier, num_workers=a.num_workers, source=a.input, row_numbers=lines)
     stats = RolloutStats.of(rows, seconds=time.perf_counter() - start)
     write_jsonl(rows, a.out)
     summary = stats.to_dict()
@@ -302,8 +347,10 @@ def is_input_error(error: BaseException) -> bool:
 
     if isinstance(error, (RecordError, CheckpointError, OutputDirError)):
         return True
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)):
+        return True  # a path given on the command line or in a recipe
     if isinstance(error, OSError):
-        return error.filename is not None
+        return error.filename is not None  # e.g. a full or read-only disk under an output path
     if type(error).__module__.split(".")[0] == "yaml":  # a recipe that is not valid YAML
         return True
     if isinstance(error, ValueError) and not isinstance(error, UnicodeError):

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from alignkit.cache import write_jsonl  # noqa: F401  (the one atomic JSON Lines writer; re-exported)
-from alignkit.data.records import RecordError, is_conversational
+from alignkit.data.records import RecordError, check_field, is_conversational
 from alignkit.rollout.base import RolloutEngine, SamplingConfig
 from alignkit.verifiers.base import Verifier
 
@@ -62,8 +62,14 @@ def sample_rollouts(
     return rows
 
 
-def _check_rollout_rows(rows: Sequence[dict], source: str) -> None:
-    for i, row in enumerate(rows, start=1):
+def _line_numbers(rows: Sequence[dict], row_numbers: Sequence[int] | None) -> Sequence[int]:
+    return row_numbers if row_numbers is not None else range(1, len(rows) + 1)
+
+
+def _check_rollout_rows(rows: Sequence[dict], source: str, row_numbers: Sequence[int] | None = None) -> None:
+    for i, row in zip(_line_numbers(rows, row_numbers), rows):
+        if not isinstance(row, dict):
+            raise RecordError(source, i, None, f"expected a JSON object, got {type(row).__name__}")
         completions = row.get("completions")
         if not isinstance(completions, list) or not completions:
             raise RecordError(source, i, "completions", "expected a non-empty list of completions")
@@ -73,11 +79,41 @@ def _check_rollout_rows(rows: Sequence[dict], source: str) -> None:
                 raise RecordError(source, i, f"completions[{j}].text", "expected text")
 
 
+PROBLEM_FIELDS = ("answer", "tests", "solution")
+
+
+def check_problems(rows: Sequence[dict], verifier: Verifier, *, source: str = "<rollouts>",
+                   row_numbers: Sequence[int] | None = None) -> None:
+    """Check that every row is a problem ``verifier`` can judge: the gold fields it holds are well formed
+    (``answer``: text or a finite number; ``tests``; ``solution``) and it has the ones the verifier needs
+    (:attr:`~alignkit.verifiers.base.Verifier.problem_fields`). A row without its gold answer is a
+    :class:`RecordError` naming the file, row and field, never a row of wrong answers."""
+    needs = tuple(getattr(verifier, "problem_fields", ()) or ())
+    for i, row in zip(_line_numbers(rows, row_numbers), rows):
+        for name in PROBLEM_FIELDS:
+            if row.get(name) is not None:
+                check_field(name, row[name], source=source, row=i)
+        if needs and not any(all(row.get(f) is not None for f in group) for group in needs):
+            wanted = " or ".join(" and ".join(repr(f) for f in group) for group in needs)
+            missing = next(f for f in needs[0] if row.get(f) is None)
+            problem = "missing field" if missing not in row else "field is null"
+            raise RecordError(
+                source, i, missing,
+                f"{problem}: the {getattr(verifier, 'name', 'chosen')} verifier judges completions against {wanted}, "
+                "and a row without its gold answer cannot be verified",
+            )
+
+
 def verify_rollouts(
-    rows: Sequence[dict], verifier: Verifier, *, num_workers: int | None = None, source: str = "<rollouts>"
+    rows: Sequence[dict], verifier: Verifier, *, num_workers: int | None = None, source: str = "<rollouts>",
+    row_numbers: Sequence[int] | None = None,
 ) -> list[dict]:
-    """The rows with a verdict (``correct``, ``score``, ``reason``) on every completion; one batched call."""
-    _check_rollout_rows(rows, source)
+    """The rows with a verdict (``correct``, ``score``, ``reason``) on every completion; one batched call.
+
+    Every row is checked first (:func:`check_problems`): a bad row raises :class:`RecordError` naming
+    ``source`` and its row (``row_numbers[i]``, e.g. the line numbers of a JSONL file; default ``i + 1``)."""
+    _check_rollout_rows(rows, source, row_numbers)
+    check_problems(rows, verifier, source=source, row_numbers=row_numbers)
     problems, texts, where = [], [], []
     for i, row in enumerate(rows):
         for j, c in enumerate(row["completions"]):
@@ -275,32 +311,48 @@ def negative_records(
 # ------------------------------------------------------------------------------------ files
 
 
-def read_prompt_rows(path: str | os.PathLike, prompt_field: str = "prompt") -> list[dict]:
-    """JSONL rows that each carry a prompt (text or chat messages); errors name the line and field."""
+def read_numbered_prompt_rows(path: str | os.PathLike, prompt_field: str = "prompt") -> list[tuple[int, dict]]:
+    """``(line number, row)`` of the JSONL rows that each carry a prompt (text or chat messages); a file
+    without rows, a bad line or a bad prompt raises :class:`RecordError` naming the file, line and field."""
     from alignkit.data.loading import read_json_lines
 
     source = str(path)
     rows = []
     for line_no, row in read_json_lines(path):
         if not isinstance(row, dict):
-            raise RecordError(source, line_no, None, "expected a JSON object")
+            raise RecordError(source, line_no, None, f"expected a JSON object, got {type(row).__name__}")
         prompt = row.get(prompt_field)
         if prompt is None:
             raise RecordError(source, line_no, prompt_field, "missing field")
-        if not (isinstance(prompt, str) and prompt) and not is_conversational(prompt):
+        if prompt_field == "prompt":  # text, or chat messages with known roles and text content
+            check_field("prompt", prompt, source=source, row=line_no)
+        elif not (isinstance(prompt, str) and prompt.strip()) and not is_conversational(prompt):
             raise RecordError(source, line_no, prompt_field, "expected non-empty text or a list of chat messages")
-        rows.append(row)
+        rows.append((line_no, row))
+    if not rows:
+        raise RecordError(source, None, None, "no rows (the file is empty)")
     return rows
+
+
+def read_prompt_rows(path: str | os.PathLike, prompt_field: str = "prompt") -> list[dict]:
+    """JSONL rows that each carry a prompt (text or chat messages); errors name the line and field."""
+    return [row for _, row in read_numbered_prompt_rows(path, prompt_field)]
+
+
+def read_numbered_rollouts(path: str | os.PathLike, *, verified: bool = False) -> tuple[list[dict], list[int]]:
+    """Rollout rows from a JSONL file and their line numbers; a bad line or row raises :class:`RecordError`."""
+    source = str(path)
+    numbered = read_numbered_prompt_rows(path)
+    rows, lines = [row for _, row in numbered], [line for line, _ in numbered]
+    _check_rollout_rows(rows, source, lines)
+    if verified:
+        _require_verdicts(rows, source)
+    return rows, lines
 
 
 def read_rollouts(path: str | os.PathLike, *, verified: bool = False) -> list[dict]:
     """Rollout rows from a JSONL file; a bad line or row raises :class:`RecordError` naming it."""
-    source = str(path)
-    rows = read_prompt_rows(path)
-    _check_rollout_rows(rows, source)
-    if verified:
-        _require_verdicts(rows, source)
-    return rows
+    return read_numbered_rollouts(path, verified=verified)[0]
 
 
 # ------------------------------------------------------------------------------------ one call

@@ -41,6 +41,10 @@ FORMAT_FIELDS = ("prompt", "chosen", "rejected", "response", "samples")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 _VALIDATE_BATCH = 1024
+# Deeper JSON is refused with a RecordError: Python's json parser and every recursive walk of a value
+# (validation, arrow conversion, json.dumps) would otherwise end in a RecursionError; records are a few
+# levels deep (a chat prompt: list > message > text), any-JSON fields such as a flip's reference rarely more.
+MAX_NESTING = 100
 _ARROW_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
 
@@ -61,6 +65,41 @@ def _decode_line(raw: bytes, source: str, line_no: int, line_start: int) -> str:
         ) from None
 
 
+def _nesting_exceeds(value, limit: int) -> bool:
+    """Whether lists/dicts nest more than ``limit`` levels in ``value`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _check_nesting(record, source: str, row: int | None) -> None:
+    if not isinstance(record, (dict, list)) or not _nesting_exceeds(record, MAX_NESTING):
+        return
+    field = None
+    if isinstance(record, dict):
+        field = next((k for k, v in record.items() if isinstance(v, (dict, list)) and _nesting_exceeds(v, MAX_NESTING - 1)),
+                     None)
+    raise RecordError(source, row, field, f"JSON nested more than {MAX_NESTING} levels deep")
+
+
+def _parse_json(text: str, source: str, row: int | None, where: str = "") -> object:
+    """``json.loads`` with its errors as :class:`RecordError` (bad syntax; nesting too deep to parse)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno}, column {e.colno}" if where == "file" else f"column {e.colno}"
+        raise RecordError(source, row, None, f"invalid JSON: {e.msg} ({at})") from None
+    except RecursionError:
+        raise RecordError(source, row, None, f"JSON nested more than {MAX_NESTING} levels deep "
+                                             "(too deep to parse)") from None
+    return value
+
+
 def read_json_lines(path, kind: str | None = None) -> list[tuple[int, object]]:
     """``(line number, record)`` for every non-blank line of a JSON Lines file; a bad line raises
     :class:`RecordError` naming the file and line. ``kind`` also validates each record's fields."""
@@ -76,10 +115,8 @@ def _read_json_lines(data: bytes, source: str, kind: str | None) -> list[tuple[i
         text = _decode_line(raw, source, line_no, line_start)
         if not text.strip():
             continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RecordError(source, line_no, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        record = _parse_json(text, source, line_no)
+        _check_nesting(record, source, line_no)
         if kind is not None:
             validate_record(record, kind, source=source, row=line_no)
         rows.append((line_no, record))
@@ -95,12 +132,10 @@ def _read_json_list(data: bytes, source: str, kind: str) -> list[tuple[int, obje
         raise RecordError(
             source, None, None, f"not valid UTF-8: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line})"
         ) from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(source, None, None, f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    records = _parse_json(text, source, None, where="file")
     rows = list(enumerate(records, start=1))
     for row, record in rows:
+        _check_nesting(record, source, row)
         validate_record(record, kind, source=source, row=row)
     return rows
 
@@ -127,7 +162,7 @@ def _explain_json_object(data: bytes, error: RecordError) -> RecordError:
         return error
     try:
         whole = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return error
     if isinstance(whole, dict):
         return RecordError(
@@ -282,7 +317,10 @@ def _pick_split(dataset_dict: datasets.DatasetDict, split: str, source: str) -> 
 
 
 def _read_parquet(path: Path) -> datasets.Dataset:
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise RecordError(str(path), None, None, f"not a readable Parquet file ({e})") from None
     features = datasets.Features.from_arrow_schema(table.schema)
     return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
 
@@ -311,15 +349,34 @@ def _load_path(path: Path, source: str, kind: str, split: str) -> datasets.Datas
     )
 
 
+_SOURCE_TAG = "alignkit source: "
+
+
+def record_source(dataset) -> str | None:
+    """The file (or Hub id) a ``Dataset`` returned by :func:`load_records` was read from, kept through
+    ``Dataset.map`` (it rides in ``info.description``), so that a later error can name the file; ``None``
+    for anything else."""
+    info = getattr(dataset, "info", None)
+    description = getattr(info, "description", None) or ""
+    return description[len(_SOURCE_TAG):] if description.startswith(_SOURCE_TAG) else None
+
+
+def _tagged(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
+    if not (getattr(dataset.info, "description", None) or "") or record_source(dataset) is not None:
+        dataset.info.description = _SOURCE_TAG + source
+    return dataset
+
+
 def load_records(source, kind: str, *, split: str = "train", name: str | None = None) -> datasets.Dataset:
     """Records of ``kind`` from ``source``, every row validated; see the module docstring for sources.
 
     Raises :class:`~alignkit.data.records.RecordError` naming the source, row and field of the first
     bad record, ``ValueError`` for an unknown ``kind``, ``FileNotFoundError`` for a missing local path.
+    A dataset read from a file or the Hub remembers where from (:func:`record_source`).
     """
     get_schema(kind)
     if isinstance(source, datasets.Dataset):
-        return _validate_dataset(source, kind, "<datasets.Dataset>")
+        return _validate_dataset(source, kind, record_source(source) or "<datasets.Dataset>")
     if isinstance(source, datasets.DatasetDict):
         source_name = "<datasets.DatasetDict>"
         return _validate_dataset(_pick_split(source, split, source_name), kind, source_name)
@@ -339,10 +396,10 @@ def load_records(source, kind: str, *, split: str = "train", name: str | None = 
     source_name = os.fspath(source)
     path = Path(source_name).expanduser()
     if path.exists():
-        return _load_path(path, source_name, kind, split)
+        return _tagged(_load_path(path, source_name, kind, split), source_name)
     if _looks_like_path(source):
         raise FileNotFoundError(f"no such data file or directory: {source_name}")
     dataset = datasets.load_dataset(source_name, name, split=split)
     if isinstance(dataset, datasets.DatasetDict):
         dataset = _pick_split(dataset, split, source_name)
-    return _validate_dataset(dataset, kind, source_name)
+    return _tagged(_validate_dataset(dataset, kind, source_name), source_name)

@@ -11,10 +11,11 @@ Kinds (:data:`SCHEMAS`):
 ``preference``  ``prompt``, ``chosen``, ``rejected``
 ``negatives``   ``prompt``, ``rejected``; optional ``samples`` (a list of K responses)
 ``sft``         ``prompt``, ``response`` (forget and retain sets)
-``problems``    ``prompt`` and ``answer`` (text or a number) and/or ``tests`` (text or a list of
-                texts); optional ``solution`` (text)
+``problems``    ``prompt`` and ``answer`` (text or a finite number) and/or ``tests`` (text or a list
+                of texts); optional ``solution`` (text)
 ``flips``       ``id`` (text or an integer), ``reference`` (any JSON value) and either ``old`` and
-                ``new`` (predictions, any JSON value) or ``old_score`` and ``new_score`` (numbers)
+                ``new`` (predictions, any JSON value) or ``old_score`` and ``new_score`` (finite numbers:
+                ``NaN``, ``Infinity`` and ``1e999`` are refused)
 
 A record may carry any other field (``id``, ``ref_logps``, ...): it is neither checked nor changed.
 A field whose value is ``None`` counts as absent, as in an Arrow table where a row lacks a column.
@@ -123,6 +124,13 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _non_finite_name(value: float) -> str:
+    """How JSON writes a non-finite number (Python's json reads ``NaN``, ``Infinity`` and ``1e999`` as these)."""
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity (or a number too large for a float, such as 1e999)" if value > 0 else "-Infinity"
+
+
 def _check_messages(value: list, roles: tuple[str, ...], source: str, row: int, field: str) -> None:
     for index, message in enumerate(value):
         where = f"{field}[{index}]"
@@ -186,6 +194,8 @@ def _check_answer(value, source: str, row: int, field: str) -> None:
             raise RecordError(source, row, field, "empty answer")
     elif not _is_number(value):
         raise RecordError(source, row, field, f"expected str or a number, got {_type_name(value)}")
+    elif not math.isfinite(value):  # JSON NaN, Infinity, 1e999
+        raise RecordError(source, row, field, f"answer is {_non_finite_name(value)}, not a finite number")
 
 
 def _check_tests(value, source: str, row: int, field: str) -> None:
@@ -217,8 +227,8 @@ def _check_id(value, source: str, row: int, field: str) -> None:
 def _check_score(value, source: str, row: int, field: str) -> None:
     if not _is_number(value):
         raise RecordError(source, row, field, f"expected a number, got {_type_name(value)}")
-    if math.isnan(value):
-        raise RecordError(source, row, field, "score is NaN")
+    if not math.isfinite(value):  # JSON NaN, Infinity, -Infinity, 1e999
+        raise RecordError(source, row, field, f"score is {_non_finite_name(value)}, not a finite number")
 
 
 def _check_any(value, source: str, row: int, field: str) -> None:

@@ -1,10 +1,10 @@
 """Readers of the negative-flip inputs (JSON Lines): a flips file, or one model's prediction file.
 
 * a **flips file** (record kind ``flips``): ``id``, ``reference`` and ``old`` / ``new`` (predictions,
-  any JSON value) and/or ``old_score`` / ``new_score`` (numbers); optional ``old_correct`` /
+  any JSON value) and/or ``old_score`` / ``new_score`` (finite numbers); optional ``old_correct`` /
   ``new_correct`` (booleans);
 * a **prediction file**: ``id``, ``reference`` and ``prediction`` and/or ``correct`` (boolean) and/or
-  ``score`` (number); two of them are joined on ``id`` by :mod:`alignkit.evaluation.flip_join`.
+  ``score`` (finite number); two of them are joined on ``id`` by :mod:`alignkit.evaluation.flip_join`.
 
 Files are read with ``pyarrow.json`` first; only when that fast read fails or finds a value the row-by-row
 validation might reject is the file re-read row by row (:func:`alignkit.data.loading.read_json_lines`), so
@@ -57,8 +57,10 @@ _PLAIN = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.
 def _column(table: pa.Table, name: str, kind: str) -> pa.Array | None:
     """Column ``name`` checked for ``kind`` (``id``, ``value``, ``score``, ``bool``); ``None`` if absent.
 
-    Anything the row-by-row validation might reject (a null, a NaN score, an unexpected type such as a
-    timestamp Arrow inferred from a date-like string) raises :class:`_SlowPath`.
+    Anything the row-by-row validation might reject (a null, a non-finite score: Arrow reads ``NaN`` and
+    ``Infinity``, which JSON does not have; text that is not valid UTF-8, which Arrow reads without checking;
+    an unexpected type such as a timestamp Arrow inferred from a date-like string) raises :class:`_SlowPath`,
+    so that the row-by-row read names the row.
     """
     if name not in table.column_names:
         return None
@@ -66,14 +68,19 @@ def _column(table: pa.Table, name: str, kind: str) -> pa.Array | None:
     if col.null_count:
         raise _SlowPath(f"nulls in {name}")
     t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            col.validate(full=True)  # UTF-8 of every value
+        except pa.ArrowInvalid as e:
+            raise _SlowPath(f"{name}: {e}") from None
     if kind == "id":
         ok = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
     elif kind == "value":
         ok = any(test(t) for test in _PLAIN)
     elif kind == "score":
         ok = pa.types.is_integer(t) or pa.types.is_floating(t)
-        if ok and pa.types.is_floating(t) and pc.any(pc.is_nan(col)).as_py():
-            raise _SlowPath(f"NaN in {name}")
+        if ok and pa.types.is_floating(t) and not pc.all(pc.is_finite(col)).as_py():
+            raise _SlowPath(f"NaN or Infinity in {name}")
     elif kind == "bool":
         ok = pa.types.is_boolean(t)
     else:  # pragma: no cover

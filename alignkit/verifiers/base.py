@@ -103,6 +103,9 @@ class Verifier:
     """Base class. ``timeout`` bounds one call; ``num_workers`` defaults to the CPU count."""
 
     name = "verifier"
+    #: the fields a problem needs before this verifier can judge it: at least one group present in full
+    #: (``()``: no requirement). A problem without them is an input error, never a wrong answer.
+    problem_fields: tuple[tuple[str, ...], ...] = ()
     #: batches with fewer items than this per worker run serially (a chunk's round trip to a warm
     #: worker costs about a millisecond); subclasses whose calls are slow lower it
     parallel_min_items = 32
@@ -377,26 +380,41 @@ def _is_check_function(fn: Callable) -> bool:
     return len(required) >= 2 or takes_varargs
 
 
+class UnknownVerifierError(KeyError, ValueError):
+    """No verifier is registered under the name asked for (a ``KeyError``, and a ``ValueError``: bad input)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class VerifierOptionError(TypeError, ValueError):
+    """Options a verifier does not take (a ``TypeError``, and a ``ValueError``: bad input)."""
+
+
 def get_verifier(name: str, **kwargs) -> Verifier:
     """The verifier registered under ``name``, built with ``kwargs``.
 
     A registered check function is wrapped in a :class:`CallableVerifier` (``kwargs``: ``threshold``,
-    ``timeout``, ``num_workers``). ``KeyError`` naming the registered verifiers for an unknown name.
+    ``timeout``, ``num_workers``). :class:`UnknownVerifierError` (a ``KeyError``) naming the registered
+    verifiers for an unknown name; :class:`VerifierOptionError` (a ``TypeError``) for options it does not take.
     """
     from alignkit.verifiers import _load_builtin  # noqa: F401  (registers math, match, code)
 
     if name not in _REGISTRY:
-        raise KeyError(f"unknown verifier {name!r}; registered: {sorted(_REGISTRY)}")
+        raise UnknownVerifierError(f"unknown verifier {name!r}; registered: {sorted(_REGISTRY)}")
     entry = _REGISTRY[name]
     if isinstance(entry, Verifier):
         if kwargs:
-            raise TypeError(f"verifier {name!r} is a registered instance; it takes no options, got {sorted(kwargs)}")
+            raise VerifierOptionError(f"verifier {name!r} is a registered instance; it takes no options, got {sorted(kwargs)}")
         return entry
-    if isinstance(entry, type) and issubclass(entry, Verifier):
-        return entry(**kwargs)
-    if _is_check_function(entry):
-        return CallableVerifier(entry, name=name, **kwargs)
-    verifier = entry(**kwargs)
+    try:
+        if isinstance(entry, type) and issubclass(entry, Verifier):
+            return entry(**kwargs)
+        if _is_check_function(entry):
+            return CallableVerifier(entry, name=name, **kwargs)
+        verifier = entry(**kwargs)
+    except TypeError as e:  # an option it does not take (or of the wrong type)
+        raise VerifierOptionError(f"verifier {name!r}: {e}") from None
     if not isinstance(verifier, Verifier):
         raise TypeError(
             f"the factory registered as {name!r} returned {type(verifier).__name__}, not a Verifier; "

@@ -93,6 +93,7 @@ class CodeVerifier(Verifier):
     """
 
     name = "code"
+    problem_fields = (("tests",), ("answer",))  # tests, or the expected stdout
 
     def __init__(
         self,

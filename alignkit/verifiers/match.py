@@ -98,6 +98,7 @@ class MatchVerifier(Verifier):
     """
 
     name = "match"
+    problem_fields = (("answer",),)
 
     def __init__(
         self,
