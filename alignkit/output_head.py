@@ -13,12 +13,13 @@ applied tile by tile, inside custom autograd functions that keep only per-row nu
 * :func:`greedy_tokens`: the argmax per row.
 
 Tiles. A plain ``nn.Linear`` head (tied or not, with or without bias) is cut along both axes: row blocks of
-up to ``ROW_BLOCK`` rows and vocabulary blocks of ``CHUNK_ELEMENTS // rows`` columns, so the matrix
-products keep many rows (fast) and the weight's gradient is written once per block. Any other head
-module (LoRA on the head, quantised heads) is called whole on blocks of ``CHUNK_ELEMENTS // V`` rows.
-Either way the live logits are a few ``CHUNK_ELEMENTS`` tables (32 MiB each in fp32), independent of
-the vocabulary size beyond one tile; the cost is one more head product than a full table (the
-recomputation in backward).
+up to ``ROW_BLOCK`` rows and vocabulary blocks of budget // rows columns, so the matrix products keep many
+rows (fast) and the weight's gradient is written once per block. Any other head module (LoRA on the head,
+quantised heads) is called whole on blocks of budget // V rows. The budget is ``CHUNK_ELEMENTS`` logits
+per tile on CPU (8 MiB in fp32), ``CHUNK_ELEMENTS_ACCELERATOR`` on a GPU. Either way the live logits are
+a few tiles, independent of the vocabulary size beyond one tile. The cost: a trained head does one more
+head product than a full table (the recomputation in backward); a frozen linear head (LoRA) does none,
+its gradient w.r.t. the hidden states being contracted in the forward (see :class:`_TokenLogProbs`).
 
 This is the streaming-softmax idea of "Online normalizer calculation for softmax" (Milakov & Gimelshein
 2018) applied to the loss, as in Liger Kernel's fused linear cross-entropy (Hsu et al. 2024,
@@ -32,10 +33,18 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 
-# Logits entries per tile (2**23 fp32 values = 32 MiB).
-CHUNK_ELEMENTS = 1 << 23
-# Most rows per tile of a linear head (its vocabulary blocks are CHUNK_ELEMENTS // rows columns wide).
+# Logits entries per tile: on CPU 2**21 fp32 values (8 MiB; larger tiles are no faster there and leave more
+# freed memory resident), on an accelerator 2**26 (256 MiB; fewer, larger kernels).
+CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
+# Most rows per tile of a linear head, and the fewest vocabulary columns a tile should have (its vocabulary
+# blocks are budget // rows columns wide).
 ROW_BLOCK = 4096
+MIN_COLUMNS = 1024
+
+
+def _budget(device: torch.device | None) -> int:
+    return CHUNK_ELEMENTS if device is None or device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
 
 
 def post_head_transform(config) -> tuple[float, float | None]:
@@ -120,12 +129,12 @@ class OutputHead:
             return [t for t in (self.module.weight, self.module.bias) if t is not None and t.requires_grad]
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def blocks(self, n_rows: int, tables: int = 1) -> tuple[int, int]:
-        """(rows, vocabulary columns) per tile, so that ``tables`` live tiles hold CHUNK_ELEMENTS values."""
-        budget = max(1, CHUNK_ELEMENTS // tables)
+    def blocks(self, n_rows: int, tables: int = 1, device: torch.device | None = None) -> tuple[int, int]:
+        """(rows, vocabulary columns) per tile, so that ``tables`` live tiles hold the device's tile budget."""
+        budget = max(1, _budget(device) // tables)
         if not self.linear:
             return max(1, budget // self.vocab_size), self.vocab_size
-        rows = max(1, min(n_rows, ROW_BLOCK))
+        rows = max(1, min(n_rows, ROW_BLOCK, budget // MIN_COLUMNS))
         return rows, max(1, min(self.vocab_size, budget // rows))
 
     def tile(self, hidden: torch.Tensor, r0: int, r1: int, v0: int, v1: int) -> torch.Tensor:
@@ -174,9 +183,10 @@ class _LogitsTable:
     def parameters(self) -> list[torch.Tensor]:
         return []
 
-    def blocks(self, n_rows: int, tables: int = 1) -> tuple[int, int]:
-        rows = max(1, min(n_rows, ROW_BLOCK))
-        return rows, max(1, min(self.vocab_size, CHUNK_ELEMENTS // (tables * rows)))
+    def blocks(self, n_rows: int, tables: int = 1, device: torch.device | None = None) -> tuple[int, int]:
+        budget = max(1, _budget(device) // tables)
+        rows = max(1, min(n_rows, ROW_BLOCK, budget // MIN_COLUMNS))
+        return rows, max(1, min(self.vocab_size, budget // rows))
 
     def tile(self, logits, r0, r1, v0, v1):
         return logits[r0:r1, v0:v1].detach().to(torch.float32, copy=True)
@@ -329,7 +339,8 @@ def token_log_probs(head: OutputHead, hidden: torch.Tensor, targets: torch.Tenso
     backward). Values and gradients (w.r.t. ``hidden`` and the head's parameters) equal
     ``torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None])`` up to float rounding."""
     _check_targets(targets, head.vocab_size)
-    return _TokenLogProbs.apply(hidden, targets, head, head.blocks(hidden.size(0), tables=2), *head.parameters())
+    blocks = head.blocks(hidden.size(0), tables=2, device=hidden.device)
+    return _TokenLogProbs.apply(hidden, targets, head, blocks, *head.parameters())
 
 
 def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -337,16 +348,16 @@ def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     (in backward) the softmax is built for more than a tile (the gradient w.r.t. ``logits`` is [N, V] itself)."""
     table = _LogitsTable(logits.size(-1))
     _check_targets(targets, table.vocab_size)
-    return _TokenLogProbs.apply(logits, targets, table, table.blocks(logits.size(0), tables=2))
+    return _TokenLogProbs.apply(logits, targets, table, table.blocks(logits.size(0), tables=2, device=logits.device))
 
 
 def token_kl(head: OutputHead, hidden: torch.Tensor, reference, *, reference_sliceable: bool = True) -> torch.Tensor:
     """[N] KL(softmax(z_ref) ‖ softmax(head(hidden))) per row, with ``reference(r0, r1, v0, v1)`` giving the
     reference's fp32 logits of a tile. The gradient flows into ``hidden`` and the head's parameters only.
     ``reference_sliceable=False``: the reference computes whole rows, so tiles span the whole vocabulary."""
-    blocks = head.blocks(hidden.size(0), tables=4)
+    blocks = head.blocks(hidden.size(0), tables=4, device=hidden.device)
     if not reference_sliceable and blocks[1] < head.vocab_size:
-        blocks = (max(1, CHUNK_ELEMENTS // (4 * head.vocab_size)), head.vocab_size)
+        blocks = (max(1, _budget(hidden.device) // (4 * head.vocab_size)), head.vocab_size)
     return _TokenKL.apply(hidden, head, reference, blocks, *head.parameters())
 
 
@@ -354,7 +365,7 @@ def greedy_tokens(head: OutputHead, hidden: torch.Tensor) -> torch.Tensor:
     """[N] argmax of head(hidden) per row, tile by tile."""
     n = hidden.size(0)
     best = torch.zeros(n, dtype=torch.long, device=hidden.device)
-    for r0, r1, columns in _tiles(n, head.vocab_size, head.blocks(n)):
+    for r0, r1, columns in _tiles(n, head.vocab_size, head.blocks(n, device=hidden.device)):
         top = torch.full((r1 - r0,), float("-inf"), device=hidden.device)
         for v0, v1 in columns:
             values, index = head.tile(hidden, r0, r1, v0, v1).max(1)

@@ -1,7 +1,7 @@
 """alignkit DPOTrainer vs trl.DPOTrainer (TRL 1.16): tokens per CPU-second and peak memory growth, side by side.
 
     python benchmarks/dpo_vs_trl.py [--vocabs 450,32000,151936] [--modes full,lora] [--ratios 1,4]
-                                    [--steps 2] [--warmup 1] [--batch 2] [--response_tokens 32] [--threads 1]
+                                    [--steps 3] [--warmup 1] [--batch 2] [--response_tokens 32] [--threads 1]
 
 Model: a Qwen2 of ~14M parameters before its embedding (hidden 384, 6 layers, tied embeddings, the tiny
 tokenizer), built offline, with its vocabulary resized to each ``--vocabs`` size (the output head grows
@@ -25,12 +25,14 @@ Rows, each trained for ``warmup + steps`` optimizer steps in a fresh subprocess:
 Measures:
 
 * tokens per CPU-second: tokens of (prompt + chosen) + (prompt + rejected) per pair, the same count for every
-  row, divided by the process CPU time (``time.process_time``) of the timed steps: the load of other processes
-  on a shared machine inflates wall time, not this. Wall-clock tokens/s are kept in the JSON;
+  row, divided by the process CPU time (``time.process_time``) of the timed steps (the median step times their
+  number, so one step slowed by a busy machine does not count): the load of other processes on a shared
+  machine inflates wall time, much less this. Wall-clock tokens/s are kept in the JSON;
 * peak memory growth: CUDA max allocated on a GPU; on CPU the peak resident set (VmHWM, reset through
-  /proc/self/clear_refs) during training minus the resident set just before it. Model loading, trainer set-up
-  and the precomputation of reference log-probs (TRL does it in its constructor, alignkit before its first
-  dataloader; both are run before the measurement) are excluded.
+  /proc/self/clear_refs) during training minus the resident set just before it. Model loading (its weights
+  paged in first: safetensors maps them lazily, and at vocab 151,936 the first step would otherwise count
+  ~270 MB of page-ins), trainer set-up and the precomputation of reference log-probs (TRL does it in its
+  constructor, alignkit before its first dataloader; both are run before the measurement) are excluded.
 
 Speed-ups compare alignkit with TRL at its best (no gradient checkpointing): live reference with live
 reference, precomputed with precomputed.
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,6 +146,9 @@ def worker(args) -> dict:
     pairs = _pairs(tokenizer, n, args.response_tokens * args.ratio, args.response_tokens)
     tokens = _pair_tokens(tokenizer, pairs)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():  # page the memory-mapped weights in now, so the first step does not count them
+        for p in model.parameters():
+            p.sum()
     peft_config = None
     if args.mode == "lora":
         from peft import LoraConfig
@@ -184,7 +190,7 @@ def worker(args) -> dict:
         config = DPOConfig(beta=0.1, reference="precomputed" if precomputed else "auto", **common)
         trainer = DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[timer])
-        trainer._ensure_reference_logps()  # what its first dataloader does; TRL precomputes in its constructor
+        trainer.get_train_dataloader()  # precomputed reference log-probs are ready after this (TRL: its constructor)
         checkpointing = config.gradient_checkpointing
 
     if cuda:
@@ -200,12 +206,15 @@ def worker(args) -> dict:
         peak = _rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_mb = (peak - rss_before) / 1024
     timed = slice(args.warmup, None)
+    cpu, wall = timer.cpu[timed], timer.wall[timed]
     timed_tokens = sum(tokens[args.batch * args.warmup : args.batch * total_steps])
+    # the median step (robust to one step slowed by the machine's other load) times the number of steps
+    per_step_cpu, per_step_wall = statistics.median(cpu) * len(cpu), statistics.median(wall) * len(wall)
     return {"impl": args.impl, "mode": args.mode, "ratio": args.ratio, "vocab": args.vocab,
-            "cpu_seconds": sum(timer.cpu[timed]), "wall_seconds": sum(timer.wall[timed]),
-            "tokens_per_cpu_s": timed_tokens / sum(timer.cpu[timed]), "tokens_per_s": timed_tokens / sum(timer.wall[timed]),
+            "cpu_seconds": sum(cpu), "wall_seconds": sum(wall), "step_cpu_seconds": cpu,
+            "tokens_per_cpu_s": timed_tokens / per_step_cpu, "tokens_per_s": timed_tokens / per_step_wall,
             "peak_mb": peak_mb, "memory": "cuda max allocated" if cuda else ("VmHWM" if reset else "ru_maxrss"),
-            "steps": len(timer.cpu[timed]), "gradient_checkpointing": bool(checkpointing), "tokens": timed_tokens}
+            "steps": len(cpu), "gradient_checkpointing": bool(checkpointing), "tokens": timed_tokens}
 
 
 def _row(by, vocab, mode, ratio):
@@ -247,7 +256,7 @@ def main():
     parser.add_argument("--modes", default="full,lora")
     parser.add_argument("--ratios", default="1,4", help="prompt:response token ratios")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2, help="pairs per step")
     parser.add_argument("--response_tokens", type=int, default=32)

@@ -7,8 +7,9 @@ For N response rows of hidden states and a linear output head of V rows, one for
 
 * ``full table``: logits = head(h) as an [N, V] tensor, then log-softmax-gather on it (alignkit's scorer
   before the tiled head; what a trainer that materialises the response logits does);
-* ``tiled``: :func:`alignkit.output_head.token_log_probs` (tiles of up to 4,096 rows × CHUNK_ELEMENTS / (2·rows)
-  vocabulary columns, a streaming log-sum-exp in forward, each tile recomputed in backward).
+* ``tiled``: :func:`alignkit.output_head.token_log_probs` (tiles of up to 1,024 rows × CHUNK_ELEMENTS / (2·rows)
+  vocabulary columns, a streaming log-sum-exp in forward; each tile recomputed in backward for a trained head,
+  the gradient contracted in the forward for a frozen one).
 
 Two heads: ``frozen`` (LoRA: only the hidden states need a gradient) and ``trained`` (full fine-tuning: the
 head weight's gradient too). Memory is the peak of live tensor bytes allocated inside the step

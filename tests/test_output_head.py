@@ -37,6 +37,7 @@ def small_tiles(monkeypatch):
     crosses row and vocabulary tile boundaries."""
     monkeypatch.setattr(output_head, "CHUNK_ELEMENTS", 500)
     monkeypatch.setattr(output_head, "ROW_BLOCK", 7)
+    monkeypatch.setattr(output_head, "MIN_COLUMNS", 16)
 
 
 def _head(vocab=301, hidden=24, bias=False, trained=True, seed=0, **transform):
