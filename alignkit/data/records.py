@@ -224,11 +224,19 @@ def _check_id(value, source: str, row: int, field: str) -> None:
         raise RecordError(source, row, field, f"expected str or int, got {_type_name(value)}")
 
 
+# |score| beyond this is refused: sums and differences of such scores (a report's means and deltas over up
+# to 10^8 items) would overflow a float to Infinity, which JSON cannot hold
+MAX_SCORE = 1e300
+
+
 def _check_score(value, source: str, row: int, field: str) -> None:
     if not _is_number(value):
         raise RecordError(source, row, field, f"expected a number, got {_type_name(value)}")
     if not math.isfinite(value):  # JSON NaN, Infinity, -Infinity, 1e999
         raise RecordError(source, row, field, f"score is {_non_finite_name(value)}, not a finite number")
+    if abs(value) > MAX_SCORE:
+        raise RecordError(source, row, field, f"score {value:g} is beyond ±{MAX_SCORE:g}: means and differences of "
+                                              "such scores overflow a float")
 
 
 def _check_any(value, source: str, row: int, field: str) -> None:

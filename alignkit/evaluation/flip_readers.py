@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from alignkit.data.loading import read_json_lines
-from alignkit.data.records import RecordError, check_field
+from alignkit.data.records import MAX_SCORE, RecordError, check_field
 from alignkit.evaluation.flip_data import Column, FlipData, ModelResults, PredictionFile, bools, texts
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ def _column(table: pa.Table, name: str, kind: str) -> pa.Array | None:
         ok = pa.types.is_integer(t) or pa.types.is_floating(t)
         if ok and pa.types.is_floating(t) and not pc.all(pc.is_finite(col)).as_py():
             raise _SlowPath(f"NaN or Infinity in {name}")
+        if ok and len(col) and pc.max(pc.abs(col)).as_py() > MAX_SCORE:
+            raise _SlowPath(f"a score beyond ±{MAX_SCORE:g} in {name}")
     elif kind == "bool":
         ok = pa.types.is_boolean(t)
     else:  # pragma: no cover
