@@ -6,7 +6,8 @@ refused with :class:`OutputDirLocked` naming that holder. The kernel drops a ``f
 dies, however it dies, so a lock file left by a killed run is recognised as stale (the file is there,
 nobody holds it) and taken over, with a warning naming the run that left it. A clean exit deletes the
 file. The lock is re-entrant within a process (the ``alignkit train`` command and the trainer both take
-it), and with several processes only the main one takes it: :func:`main_process_decides` runs the check
+it), not inherited by forked workers (a DataLoader or verifier worker left behind by a killed run does
+not keep its lock), and with several processes only the main one takes it: :func:`main_process_decides` runs the check
 there and hands its outcome (or its error) to the others, so none of them waits at a collective while
 the main process has stopped. ``flock`` works on local file systems and on NFS (Linux emulates it with
 byte-range locks there).
@@ -147,7 +148,12 @@ def acquire_output_dir(directory: str | os.PathLike) -> bool:
             raise _unusable(directory, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # a file system without locks (some FUSE mounts)
+                os.close(fd)
+                logger.warning("output_dir %s: cannot lock %s (%s); this run is not protected against a second "
+                               "one", directory, path, e.strerror or e)
+                return False
             info = _read_info(fd)
             os.close(fd)
             gone = ""
@@ -200,6 +206,22 @@ def release_output_dir(directory: str | os.PathLike) -> None:
 def holds_output_dir(directory: str | os.PathLike) -> bool:
     held = _HELD.get(_key(Path(directory)))
     return held is not None and held.owner == os.getpid()
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader or verifier worker) must not keep the lock alive after its parent dies:
+    drop its copies of the lock descriptors (the parent's lock is unaffected)."""
+    for key, held in list(_HELD.items()):
+        if held.owner != os.getpid():
+            try:
+                os.close(held.fd)
+            except OSError:
+                pass
+            del _HELD[key]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @atexit.register

@@ -312,6 +312,32 @@ def test_stale_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, c
         release_output_dir(out)
 
 
+_FORK_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    from alignkit.output_dir import acquire_output_dir
+    acquire_output_dir(sys.argv[1])
+    child = os.fork()
+    if child == 0:  # a worker the run started (DataLoader, verifier pool) that outlives it
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_worker_left_behind_by_a_killed_run_does_not_keep_its_lock(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _FORK_SCRIPT, str(out)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    child = int(proc.stdout.readline())
+    proc.wait()
+    try:
+        assert proc.returncode == -signal.SIGKILL and os.path.exists(f"/proc/{child}")  # the worker lives on
+        assert acquire_output_dir(out)  # ... and the dead run's lock is free
+        release_output_dir(out)
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 # ------------------------------------------------------------------------------------ read-only and full disks
 
 
