@@ -267,11 +267,16 @@ def plain_number(text: str, options: MathOptions | None = None) -> PlainNumber |
     if len(text) > _MAX_FAST_CHARS:
         return UNDECIDED
     for group in _pattern_groups(options, bool(_LATEX_TRIGGER.search(text))):
-        matches = [(m, m.start(), m.end(), target) for pattern, target in group for m in pattern.finditer(text)]
-        if matches:
-            # math-verify: rightmost end first, then leftmost start; the first that parses wins
-            matches.sort(key=lambda x: (x[2], -x[1]), reverse=True)
-            match, _, _, target = matches[0]
+        # math-verify sorts a group's matches by (end, -start), descending and stable, and tries them in
+        # that order: the first is the first match found with the largest key
+        best, best_key, target = None, None, None
+        for pattern, pattern_target in group:
+            for m in pattern.finditer(text):
+                key = (m.end(), -m.start())
+                if best is None or key > best_key:
+                    best, best_key, target = m, key, pattern_target
+        if best is not None:
+            match = best
             if hasattr(target, "normalization_config"):
                 try:
                     return _latex_number_of(match, target)
