@@ -280,3 +280,16 @@ def test_head_memory_is_a_few_tiles_whatever_the_vocabulary(monkeypatch, trained
         bound = 6 * chunk * 4 + 8 * rows * hidden_size * 4 + (chunk * 4 if trained else 0)
         assert peaks[vocab, True] <= bound, (vocab, peaks[vocab, True], bound)
     assert abs(peaks[32_000, True] - peaks[8_000, True]) <= 2 * chunk * 4  # independent of the vocabulary
+
+
+def test_tile_geometry_follows_the_device_budget():
+    """A linear head's tiles hold at most the device's budget per table, with many rows and at least MIN_COLUMNS
+    vocabulary columns; a head called whole gets whole-vocabulary rows."""
+    head = _head(vocab=151_936, hidden=8)
+    for n, device in ((512, torch.device("cpu")), (8192, torch.device("cpu")), (8192, torch.device("cuda"))):
+        budget = output_head.CHUNK_ELEMENTS if device.type == "cpu" else output_head.CHUNK_ELEMENTS_ACCELERATOR
+        rows, cols = head.blocks(n, tables=2, device=device)
+        assert rows * cols * 2 <= budget and cols >= output_head.MIN_COLUMNS and rows == min(n, budget // 2 // 1024,
+                                                                                           output_head.ROW_BLOCK)
+    whole = OutputHead(torch.nn.Sequential(torch.nn.Linear(8, 1000)), vocab_size=1000)
+    assert not whole.linear and whole.blocks(100, tables=2) == (output_head.CHUNK_ELEMENTS // 2 // 1000, 1000)

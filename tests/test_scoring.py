@@ -131,6 +131,28 @@ def test_auto_rule(monkeypatch):
     assert costs["prompt_kv"] == pytest.approx(kv)
 
 
+@pytest.mark.parametrize("overhead, keys_per_token, expected", [
+    (80.0, 3.0, "padded"),  # the defaults, at hidden 64: a second forward call costs 2,880 token forwards
+    (0.0, 3.0, "prompt_kv"),
+    (1e9, 1e9, "shared_prompt"),  # attention free, a second call unaffordable: the fewest tokens in one call
+])
+def test_auto_scores_in_the_layout_the_cost_model_picks(overhead, keys_per_token, expected, monkeypatch,
+                                                        tiny_model_path, tokenizer):
+    import alignkit.data.collate as collate
+    from alignkit.scoring import scoring_layout
+
+    monkeypatch.setattr(collate, "PROMPT_KV_OVERHEAD_TOKENS", overhead)
+    monkeypatch.setattr(collate, "ATTENTION_KEYS_PER_TOKEN", keys_per_token)
+    model = load_tiny(tiny_model_path)
+    groups = _groups(tokenizer)
+    batch = GroupCollator(tokenizer.pad_token_id)(groups)  # auto, the default
+    assert scoring_layout(model, batch) == expected
+    with torch.no_grad():
+        scores = score_responses(model, batch)
+        padded = score_responses(model, GroupCollator(tokenizer.pad_token_id, "padded")(groups))
+    torch.testing.assert_close(scores.logps, padded.logps, atol=1e-4, rtol=1e-6)
+
+
 def test_relayout_equals_collating_in_that_layout(tokenizer):
     from alignkit.data.collate import relayout
 
