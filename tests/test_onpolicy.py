@@ -116,7 +116,8 @@ def test_two_processes_share_the_sampling_and_train_on_the_same_records(tmp_path
     assert state["rounds_completed"] == 2
     from alignkit.tasks.arithmetic import make_problems
 
-    expected = [p["prompt"] for p in make_problems(12, seed=0)]
+    # the tiny tokenizer has a chat template: recipe prompts are chat messages (alignkit.data.prompts)
+    expected = [[{"role": "user", "content": p["prompt"]}] for p in make_problems(12, seed=0)]
     for r, start in ((0, 0), (1, 6)):
         rows = [json.loads(line) for line in (out / f"round_{r}" / "rollouts.jsonl").read_text().splitlines()]
         assert [row["prompt"] for row in rows] == expected[start : start + 6]  # every prompt once, in order
