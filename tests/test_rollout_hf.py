@@ -82,6 +82,13 @@ def test_seed_makes_sampling_reproducible_and_leaves_global_rng_alone(engine):
     b = engine.generate(PROMPTS, n=2, sampling=sampling)
     c = engine.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=12, seed=124))
     assert _ids(a) == _ids(b)
+    # each sample has its own seeded stream: the batch size (memory-dependent by default) changes nothing
+    for batch_size in (1, 3, None):
+        other = HFEngine(engine.model, engine.tokenizer, batch_size=batch_size, progress=False)
+        assert _ids(other.generate(PROMPTS, n=2, sampling=sampling)) == _ids(a)
+    # nor does the rest of the call: a prompt alone gets the samples it got among the others
+    alone = engine.generate(PROMPTS[:1], n=2, sampling=sampling)
+    assert _ids(alone)[0] == _ids(a)[0]
     assert [[x.logprobs for x in g] for g in a] == [[x.logprobs for x in g] for g in b]
     assert _ids(a) != _ids(c)
     assert torch.equal(before, after), "a seeded call must not consume the caller's random stream"
@@ -317,9 +324,9 @@ def test_sampler_draws_from_the_distribution_generate_samples(temperature, top_k
     draws, vocab = 40_000, 40
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 2
     expected = _warped_probs(logits, temperature, top_k, top_p)
-    sampler = _Sampler(SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), torch.Generator().manual_seed(1))
+    sampler = _Sampler(SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p))
     sampler.top_p_candidates = candidates
-    tokens, logps = sampler(logits.expand(draws, vocab))
+    tokens, logps = sampler(logits.expand(draws, vocab), torch.rand(draws, generator=torch.Generator().manual_seed(1)))
     counts = torch.bincount(tokens, minlength=vocab).float() / draws
     assert (counts[expected == 0] == 0).all()
     assert (counts - expected).abs().max() < 0.01
@@ -328,17 +335,23 @@ def test_sampler_draws_from_the_distribution_generate_samples(temperature, top_k
 
 def test_sampler_greedy_and_top_p_per_row():
     logits = torch.tensor([[0.0, 3.0, 1.0, -1.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    tokens, _ = _Sampler(SamplingConfig(temperature=0), None)(logits)
+    tokens, _ = _Sampler(SamplingConfig(temperature=0))(logits)
     assert tokens.tolist() == [1, 0, 0]
-    # a tiny top-p keeps only each row's likeliest token (rows with a flat distribution widen the search)
-    sampler = _Sampler(SamplingConfig(top_p=1e-6, seed=0), torch.Generator().manual_seed(0))
+    # a tiny top-p keeps only each row's likeliest token, whatever the uniform number
+    sampler = _Sampler(SamplingConfig(top_p=1e-6))
     sampler.top_p_candidates = 1
-    assert sampler(logits[:2])[0].tolist() == [1, 0]
+    assert sampler(logits[:2], torch.tensor([0.999, 0.5]))[0].tolist() == [1, 0]
+    # a top-p that needs more than the first candidate widens the search for that row only
+    sampler = _Sampler(SamplingConfig(top_p=0.9))
+    sampler.top_p_candidates = 1
+    flat, peaked = torch.zeros(4), torch.tensor([9.0, 0.0, 0.0, 0.0])
+    draws = sampler(torch.stack([flat, peaked, flat, flat]), torch.tensor([0.1, 0.9, 0.6, 0.99]))[0].tolist()
+    assert draws[1] == 0 and len(set(draws[0:1] + draws[2:])) == 3  # the flat rows' draws follow their numbers
 
 
 def test_draw_is_proportional_to_weights_and_never_picks_zero_weight():
     weights = torch.tensor([[0.0, 1.0, 3.0, 0.0]]).expand(40_000, 4)
-    index = _draw(weights, torch.Generator().manual_seed(0))
+    index = _draw(weights, torch.rand(40_000, generator=torch.Generator().manual_seed(0)))
     counts = torch.bincount(index, minlength=4).float() / len(index)
     assert counts[0] == 0 and counts[3] == 0
     assert abs(counts[2] - 0.75) < 0.01

@@ -42,10 +42,16 @@ buffers, against a budget: half the free GPU memory on CUDA; on CPU a quarter of
 most :data:`CPU_BUDGET_BYTES` (on one CPU thread a SmolLM2 decode step costs about 100 ms plus 5 ms per
 row, so wide batches pay). ``batch_size`` overrides it.
 
+Every draw uses one uniform number per row (inverse-CDF sampling). With ``SamplingConfig.seed``, sample
+``k`` of prompt ``i`` takes its numbers from its own generator seeded with ``seed + i * n + k`` (the
+per-request seeds of the vLLM backend): a seeded call is reproducible whatever the batch size (which
+the memory-based default makes machine-dependent) and whatever else is in the batch, up to float
+rounding of the logits, and it leaves the caller's random state alone. Unseeded calls draw from
+torch's global generator.
+
 The engine samples from the model object it holds, so ``sync_weights`` after an in-place update is
-free; passing another model object switches to it. A seeded call draws from its own
-``torch.Generator``: it is reproducible (same prompts, settings, batch size and hardware) and leaves
-the caller's random state alone. ``last_stats`` (:class:`DecodeStats`) says what the last call cost.
+free; passing another model object switches to it. ``last_stats`` (:class:`DecodeStats`) says what the
+last call cost.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from accelerate.utils import extract_model_from_parallel
 from tqdm.auto import tqdm
@@ -205,12 +212,13 @@ def _eval_mode(model):
 # ------------------------------------------------------------------------------------ sampling
 
 
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One index per row of ``weights`` [rows, k] (non-negative, not necessarily normalised), with
-    probability proportional to its weight: inverse-CDF sampling, one uniform number per row.
-    (``torch.multinomial`` draws as many random numbers as the row is long: 25x slower at a 49k vocabulary.)"""
+    probability proportional to its weight: inverse-CDF sampling with the row's ``uniform`` number in
+    [0, 1). (``torch.multinomial`` draws as many random numbers as the row is long: 25x slower at a 49k
+    vocabulary, and its draws depend on the other rows of the batch.)"""
     cdf = weights.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    u = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
     index = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(-1)
     zero = weights.gather(-1, index[:, None]).squeeze(-1) == 0  # u rounded up to the total: take the likeliest
     if zero.any():
@@ -232,16 +240,16 @@ class _Sampler:
 
     top_p_candidates = 256
 
-    def __init__(self, sampling: SamplingConfig, generator: torch.Generator | None):
+    def __init__(self, sampling: SamplingConfig):
         self.greedy = sampling.greedy
         self.logprobs = sampling.logprobs
-        self.generator = generator
         self.temperature = sampling.temperature if sampling.temperature not in (0, 1) else None
         self.top_k = TopKLogitsWarper(top_k=sampling.top_k) if sampling.top_k else None
         self.top_p = sampling.top_p if sampling.top_p < 1 else None
 
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``logits``: [rows, vocab] raw scores of the next token. Returns token ids [rows] and their raw
+    def __call__(self, logits: torch.Tensor, uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``logits``: [rows, vocab] raw scores of the next token; ``uniform``: [rows] numbers in [0, 1), one
+        per row, that decide the draws (not needed when greedy). Returns token ids [rows] and their raw
         log-probs [rows] (``None`` when log-probs are off)."""
         logits = logits.float()
         if self.greedy:
@@ -251,13 +259,13 @@ class _Sampler:
             if self.top_k is not None:
                 scores = self.top_k(None, scores)
             probs = scores.softmax(-1)
-            tokens = self._nucleus(probs) if self.top_p is not None else _draw(probs, self.generator)
+            tokens = self._nucleus(probs, uniform) if self.top_p is not None else _draw(probs, uniform)
         if not self.logprobs:
             return tokens, None
         chosen = logits.gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, chosen - logits.logsumexp(-1)
 
-    def _nucleus(self, probs: torch.Tensor) -> torch.Tensor:
+    def _nucleus(self, probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
         rows = torch.arange(probs.shape[0], device=probs.device)
         k, vocab = self.top_p_candidates, probs.shape[1]
@@ -269,18 +277,19 @@ class _Sampler:
                 if not done.all():
                     top, index = top[done], index[done]
                     wider = (~done).nonzero().squeeze(-1)
-                    probs, rest = probs[wider], rows[wider]
-                    rows = rows[done]
+                    probs, rest, rest_uniform = probs[wider], rows[wider], uniform[wider]
+                    rows, uniform = rows[done], uniform[done]
                 else:
                     rest = None
             else:
                 rest = None
             mass_before = top.cumsum(-1) - top
             weights = top.masked_fill(mass_before >= self.top_p, 0)
-            tokens[rows] = index.gather(-1, _draw(weights, self.generator)[:, None]).squeeze(-1)
+            if len(rows):
+                tokens[rows] = index.gather(-1, _draw(weights, uniform)[:, None]).squeeze(-1)
             if rest is None:
                 break
-            rows, k = rest, k * 8
+            rows, uniform, k = rest, rest_uniform, k * 8
         return tokens
 
 
@@ -294,6 +303,7 @@ class _Row:
     tokens: list
     logprobs: list
     done: bool = False
+    uniforms: "np.ndarray | None" = None  # seeded sampling: the numbers its draws use, one per token
 
 
 class _Batch:
@@ -324,6 +334,11 @@ class _SlackLayer(DynamicLayer):
         """Hold these buffers, of which the first ``length`` columns are filled."""
         self.key_buffer, self.value_buffer, self.length = key_buffer, value_buffer, length
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
+
+    def release(self) -> None:
+        """Drop the buffers (the layer's rows now live in another cache)."""
+        self.key_buffer = self.value_buffer = self.keys = self.values = None
+        self.length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -400,6 +415,8 @@ def _merge(parts: list[tuple[_Batch, list[int]]]) -> _Batch | None:
                 start += t.shape[0]
             buffers.append(out)
         target.assign(*buffers, width)
+        for layers in layer_lists[1:]:  # the other parts' copies of this layer are merged: free them now
+            layers[i].release()
     last = torch.cat([select(batch.last, index) for batch, index, *_ in prepared])
     positions = torch.cat([select(batch.positions, index) for batch, index, *_ in prepared])
     rows = [r for batch, index, *_ in prepared for r in (batch.rows if index is None else [batch.rows[j] for j in index.tolist()])]
@@ -460,10 +477,7 @@ class HFEngine:
             if not ids:
                 raise ValueError(f"prompt {i} tokenizes to no tokens")
         batch_size = self.batch_size or default_batch_size(model, max(map(len, encoded)) + sampling.max_new_tokens, device)
-        generator = None
-        if sampling.seed is not None and not sampling.greedy:
-            generator = torch.Generator(device=device).manual_seed(sampling.seed)
-        run = _Run(self, model, encoded, n, sampling, batch_size, device, generator)
+        run = _Run(self, model, encoded, n, sampling, batch_size, device)
         with _eval_mode(model):
             out = run.decode()
         stats = run.stats
@@ -492,10 +506,10 @@ class HFEngine:
 class _Run:
     """One ``generate`` call: the waiting prompts, the running batch, the finished completions."""
 
-    def __init__(self, engine: HFEngine, model, encoded, n, sampling: SamplingConfig, batch_size, device, generator):
+    def __init__(self, engine: HFEngine, model, encoded, n, sampling: SamplingConfig, batch_size, device):
         self.engine, self.model, self.encoded, self.n = engine, model, encoded, n
         self.sampling, self.batch_size, self.device = sampling, batch_size, device
-        self.sample = _Sampler(sampling, generator)
+        self.sample = _Sampler(sampling)
         self.eos = set(_eos_ids(model, engine.tokenizer))
         self.pad = engine.tokenizer.pad_token_id
         self.forward_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if _keeps_last_logits(model) else {})}
@@ -554,8 +568,8 @@ class _Run:
             if len(repeat) != len(groups):
                 layer.assign(layer.key_buffer.index_select(0, repeat), layer.value_buffer.index_select(0, repeat), layer.length)
         logits = logits.index_select(0, repeat)
-        rows = [_Row(prompt, first + k, [], []) for prompt, first, take in groups for k in range(take)]
-        tokens, logps = self.sample(logits)
+        rows = [self._row(prompt, first + k) for prompt, first, take in groups for k in range(take)]
+        tokens, logps = self.sample(logits, self._uniforms(rows))
         batch = _Batch(cache, mask.index_select(0, repeat), tokens, positions[:, -1].index_select(0, repeat) + 1, rows)
         self._append(batch, tokens, logps)
         return batch
@@ -566,9 +580,30 @@ class _Run:
         logits = self._forward(batch.last[:, None], batch.mask, batch.positions[:, None], batch.cache)
         self.stats.decode_steps += 1
         self.stats.generated_tokens += len(batch)
-        tokens, logps = self.sample(logits)
+        tokens, logps = self.sample(logits, self._uniforms(batch.rows))
         batch.last, batch.positions = tokens, batch.positions + 1
         self._append(batch, tokens, logps)
+
+    # -- random numbers
+
+    def _row(self, prompt: int, copy: int) -> _Row:
+        """A new row; seeded sampling gives it its own stream of uniform numbers, one per token it may draw,
+        seeded with ``seed + prompt * n + copy`` (the vLLM backend's per-request seeds), so what it samples
+        does not depend on the batch it runs in."""
+        row = _Row(prompt, copy, [], [])
+        if self.sampling.seed is not None and not self.sampling.greedy:
+            generator = torch.Generator().manual_seed(self.sampling.seed + prompt * self.n + copy)
+            row.uniforms = torch.rand(self.sampling.max_new_tokens, generator=generator).numpy()
+        return row
+
+    def _uniforms(self, rows: list[_Row]) -> torch.Tensor | None:
+        """This step's uniform number of each row: from its own stream when seeded, else from torch's RNG."""
+        if self.sampling.greedy:
+            return None
+        if self.sampling.seed is None:
+            return torch.rand(len(rows), device=self.device)
+        values = np.array([row.uniforms[len(row.tokens)] if not row.done else 0.0 for row in rows], dtype=np.float32)
+        return torch.from_numpy(values).to(self.device)
 
     # -- bookkeeping
 
@@ -601,7 +636,10 @@ class _Run:
 
     def _refill(self, batch: _Batch | None, running: list[int]) -> _Batch | None:
         """Evict the finished rows of ``batch`` and fill the free slots with waiting prompts (one cache copy)."""
-        parts = [(batch, running)] if batch is not None else []
+        parts = [(batch, running)] if batch is not None and running else []
+        if batch is not None and not running:  # nothing to keep: free the cache before prefilling more
+            for layer in batch.cache.layers:
+                layer.release()
         alive = len(running)
         while self.waiting and alive < self.batch_size:
             new = self._admit(self.batch_size - alive)
