@@ -28,7 +28,7 @@ def _run(cmd, tmp_path):
 
 
 def test_recipe_overrides_and_unknown_keys(tmp_path):
-    method, config, model_args, data_args, rollout_args = parse_recipe(RECIPE, ["--beta", "0.3", "--use_peft", "true",
+    method, config, model_args, data_args, rollout_args, *_ = parse_recipe(RECIPE, ["--beta", "0.3", "--use_peft", "true",
                                                                   "--learning_rate", "1e-4"])
     assert method == "dpo" and config.beta == 0.3 and config.learning_rate == 1e-4
     assert model_args.use_peft and model_args.model_name_or_path == "tiny:qwen2"
@@ -75,8 +75,11 @@ def test_cli_train_saves_a_loadable_model(tmp_path, use_peft):
 
 @pytest.mark.slow
 def test_two_process_run_agrees_with_one_process(tmp_path):
+    # raw-text prompts: with chat prompts (longer rows) the per-step losses still agree to 1e-6, but Adam
+    # amplifies the float summation-order noise of the 2-process gradient mean to 2.7e-5 on a few weights,
+    # just over this comparison's historic tolerance; what is compared here is DDP, not the prompt format
     common = [RECIPE, "--max_steps", "6", "--eval_strategy", "no", "--save_strategy", "no",
-              "--synthetic_train_size", "64", "--learning_rate", "1e-3", "--logging_steps", "1"]
+              "--synthetic_train_size", "64", "--learning_rate", "1e-3", "--logging_steps", "1", "--chat", "false"]
     _run([sys.executable, "-m", "alignkit", "train", *common, "--per_device_train_batch_size", "8",
           "--output_dir", str(tmp_path / "one")], tmp_path)
     # accelerate_configs/cpu.yaml: 2 processes on CPU through torchrun + gloo (`--cpu --num_processes 2`
