@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
+from torch.utils.weak import WeakIdKeyDictionary
 
 # Logits entries per tile: on CPU 2**21 fp32 values (8 MiB; larger tiles are no faster there and leave more
 # freed memory resident), on an accelerator 2**26 (256 MiB; fewer, larger kernels).
@@ -41,6 +42,19 @@ CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
 # blocks are budget // rows columns wide).
 ROW_BLOCK = 4096
 MIN_COLUMNS = 1024
+
+
+_UNWRAPPED = WeakIdKeyDictionary()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """``accelerate.utils.extract_model_from_parallel(model)`` (the model inside DDP / FSDP / DeepSpeed / compile
+    wrappers), remembered per wrapper object: the lookup costs about a millisecond and scoring asks several
+    times per call."""
+    inner = _UNWRAPPED.get(model)
+    if inner is None:
+        inner = _UNWRAPPED[model] = extract_model_from_parallel(model)
+    return inner
 
 
 def _budget(device: torch.device | None) -> int:
@@ -99,7 +113,7 @@ class OutputHead:
     @classmethod
     def of_model(cls, model: torch.nn.Module, temperature: float = 1.0) -> "OutputHead":
         """The head of a (possibly wrapped: DDP, PEFT ...) causal LM, with its config's post-head transform."""
-        inner = extract_model_from_parallel(model)
+        inner = unwrap(model)
         module = inner.get_output_embeddings()
         if module is None:
             raise ValueError(f"{type(inner).__name__} has no output embeddings (get_output_embeddings() is None)")

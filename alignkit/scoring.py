@@ -34,11 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from torch.utils.weak import WeakIdKeyDictionary
 
 from alignkit.data.collate import group_lengths, is_prompt_kv_batch, layout_costs, relayout
-from alignkit.output_head import OutputHead, greedy_tokens, selective_log_softmax, token_kl, token_log_probs
+from alignkit.output_head import OutputHead, greedy_tokens, selective_log_softmax, token_kl, token_log_probs, unwrap
 
 __all__ = [
     "ResponseScores", "score_responses", "response_token_kl", "selective_log_softmax", "block_attention_mask",
@@ -63,7 +62,7 @@ def captured_final_hidden(model: torch.nn.Module):
     The first time a head is seen, one row goes through it instead, so that :func:`check_post_head_transform`
     can compare the model's own logits of that row with :class:`~alignkit.output_head.OutputHead`'s.
     """
-    head = extract_model_from_parallel(model).get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     captured: list[torch.Tensor] = []
 
     def capture(module, args):
@@ -95,7 +94,7 @@ def check_post_head_transform(model: torch.nn.Module, hidden: torch.Tensor, outp
     scale = float(theirs.abs().max()) + 1e-6
     if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-2, atol=1e-2 * scale):
         raise RuntimeError(
-            f"{type(extract_model_from_parallel(model)).__name__} transforms its logits after the output head in a "
+            f"{type(unwrap(model)).__name__} transforms its logits after the output head in a "
             "way alignkit.output_head.OutputHead does not reproduce; add the transform to "
             "alignkit.output_head.post_head_transform"
         )
@@ -220,7 +219,7 @@ def model_inputs(model: torch.nn.Module, batch: dict) -> dict:
     """The keyword arguments for the model's forward for the ``padded`` and ``shared_prompt`` layouts."""
     inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
     if "segment_ids" in batch:
-        inner = extract_model_from_parallel(model)
+        inner = unwrap(model)
         config = inner.config
         dtype = next(inner.parameters()).dtype
         if not dtype.is_floating_point:  # quantised storage: masks follow the compute dtype
@@ -231,9 +230,10 @@ def model_inputs(model: torch.nn.Module, batch: dict) -> dict:
 
 def prompt_kv_blocker(model: torch.nn.Module, batch: dict | None = None) -> str | None:
     """Why ``model`` cannot run a ``prompt_kv`` batch (a reason), or ``None`` when it can."""
-    inner = extract_model_from_parallel(model)
+    inner = unwrap(model)
+    # the layers' own flag (set by gradient_checkpointing_enable); vars() skips PEFT's slow attribute forwarding
     if torch.is_grad_enabled() and inner.training and any(
-        getattr(m, "gradient_checkpointing", False) for m in inner.modules()
+        vars(m).get("gradient_checkpointing", False) for m in inner.modules()
     ):
         return "gradient checkpointing drops the KV cache in training"
     peft_config = getattr(inner, "active_peft_config", None)
@@ -274,7 +274,7 @@ def prompt_kv_hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor
     check_post_head_transform(model, captured[0], outputs)
     prompt_hidden = captured[0]
     if not cache.layers or cache.layers[0].keys is None:
-        raise RuntimeError(f"{type(extract_model_from_parallel(model)).__name__} returned no KV cache for the "
+        raise RuntimeError(f"{type(unwrap(model)).__name__} returned no KV cache for the "
                            "prompts; use score_layout='padded' or 'shared_prompt'")
     response_cache = DynamicCache(
         [(layer.keys.index_select(0, group), layer.values.index_select(0, group)) for layer in cache.layers]
@@ -296,7 +296,7 @@ def scoring_layout(model: torch.nn.Module, batch: dict) -> str:
     stated in :mod:`alignkit.data.collate`)."""
     if not is_prompt_kv_batch(batch):
         return "shared_prompt" if "segment_ids" in batch else "padded"
-    inner = extract_model_from_parallel(model)
+    inner = unwrap(model)
     kv_ok = prompt_kv_blocker(model, batch) is None
     if kv_ok and "layout_auto" not in batch:
         return "prompt_kv"
