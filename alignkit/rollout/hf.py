@@ -86,7 +86,7 @@ logger = logging.getLogger(__name__)
 CPU_BUDGET_BYTES = 2 << 30  # KV cache + sampler buffers of one call on CPU (2 GiB, worst case: every row at full length)
 GPU_FREE_FRACTION = 0.5  # of the free CUDA memory after the model is loaded
 MAX_BATCH = 512  # rows decoded together, whatever the memory allows
-PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (bounds the prefill's activations)
+PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward (bounds the prefill's activations)
 SAMPLER_VOCAB_COPIES = 6  # float32 [vocab] buffers per row while sampling (logits, scores, probs, cumsum, ...)
 
 
@@ -322,7 +322,7 @@ class _SlackLayer(DynamicLayer):
     concatenating: ``DynamicLayer`` copies the whole layer's cache at every token, this copies only when the
     buffer is full (it then grows by ``slack`` columns). ``keys`` / ``values`` are views of the filled part."""
 
-    slack = 64
+    slack = 32
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
