@@ -43,12 +43,12 @@ METHOD_NAMES = {"npo": "NPO", "npo_rt": "NPO+RT", "npo_kl": "NPO+KL", "simnpo": 
 
 
 def evaluate_point(model, tokenizer, forget_items, retain_items, reference_ratios, full_utility):
-    from alignkit.evaluation.unlearning import evaluate_split, forget_quality, harmonic_mean
+    from alignkit.evaluation.unlearning import evaluate_split, forget_quality, model_utility
 
-    forget = evaluate_split(model, tokenizer, forget_items, forget=True, generate=False)
-    retain = evaluate_split(model, tokenizer, retain_items, forget=False, generate=True, max_new_tokens=24)
+    forget = evaluate_split(model, tokenizer, forget_items, role="forget", generate=False)
+    retain = evaluate_split(model, tokenizer, retain_items, role="retain", generate=True, max_new_tokens=24)
     s = retain["summary"]
-    utility = harmonic_mean([s["probability"], s["rouge_l_recall"], s["truth_ratio"]])
+    utility = model_utility([s["probability"], s["rouge_l_recall"], s["truth_ratio"]])
     ratios = [r["truth_ratio"] for r in forget["items"]]
     return {
         "forget_probability": forget["summary"]["probability"],

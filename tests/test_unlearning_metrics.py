@@ -1,139 +1,222 @@
-"""Unlearning metrics: ROUGE-L recall, the two-sample KS test (against scipy's exact p-values),
-truth ratio and its TOFU scores, model utility, and evaluate_unlearning on a tiny model (per-item
-values against a direct forward pass, JSON round trip, forget quality against a saved reference)."""
+"""TOFU metrics against open-unlearning's definitions on the same inputs (tests/open_unlearning_reference.py
+re-implements its code line for line; rouge_score and scipy are called where it calls them): ROUGE-L
+recall, truth ratio, option-normalised probability, forget quality, the 9-value model utility; and
+evaluate_unlearning on a tiny model against open-unlearning's own probability pass (per-sample
+CrossEntropy over labels)."""
 
-import itertools
+import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_tiny
 
-from alignkit.evaluation.unlearning import (
+pytest.importorskip("rouge_score")
+pytest.importorskip("scipy")
+
+import open_unlearning_reference as ou  # noqa: E402
+import scipy.stats  # noqa: E402
+from rouge_score import rouge_scorer  # noqa: E402
+
+from alignkit.evaluation.unlearning import (  # noqa: E402
     evaluate_unlearning,
-    harmonic_mean,
+    forget_quality,
+    item_metrics,
     ks_2samp,
-    lcs_length,
     load_results,
+    model_utility,
+    normalised_probability,
     rouge_l_recall,
     save_results,
+    split_summary,
     truth_ratio,
-    truth_ratio_score,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TOL = 1e-6
+
+WORDS = ("he she wrote writes novel novels about a the dragon dragons born in city cities was is "
+         "running ran runs author authors book books 1971 Paris London won award awards").split()
 
 
-def _brute_lcs(a, b):
-    best = 0
-    for k in range(len(a) + 1):
-        for sub in itertools.combinations(a, k):
-            it = iter(b)
-            if all(x in it for x in sub):
-                best = max(best, k)
-    return best
+def _sentence(rng):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) + rng.choice(("", ".", "!", " "))
 
 
-def test_lcs_and_rouge_l_recall():
+def test_rouge_l_recall_is_open_unlearnings_stemmed_rouge():
+    # the issue's pair: without stemming 2/7 = 0.286, with the Porter stemmer (open-unlearning) 4/7
+    assert rouge_l_recall("He writes novels about dragons", "He wrote a novel about a dragon") == pytest.approx(4 / 7)
     rng = random.Random(0)
-    for _ in range(30):
-        a = [rng.choice("abcd") for _ in range(rng.randint(0, 7))]
-        b = [rng.choice("abcd") for _ in range(rng.randint(0, 7))]
-        assert lcs_length(a, b) == _brute_lcs(a, b)
-    assert rouge_l_recall("Rithen Velnu was born in Riaholt.", "Rithen Velnu was born in Riaholt.") == 1.0
-    # reference words: the, cat, sat, on, the, mat (6); LCS with "The cat is on a mat" = the cat on mat (4)
-    assert rouge_l_recall("The cat is on a mat!", "the cat sat on the mat") == pytest.approx(4 / 6)
-    assert rouge_l_recall("", "anything") == 0.0 and rouge_l_recall("words", "") == 0.0
-    assert rouge_l_recall("born in 1971", "was born in 1971") == pytest.approx(3 / 4)  # digits are words
+    generated = [_sentence(rng) for _ in range(300)] + ["", "   "]
+    truths = [_sentence(rng) for _ in range(302)]
+    reference = ou.eval_rouge_recall_batch([g.strip() for g in generated], truths)
+    ours = [rouge_l_recall(g, t) for g, t in zip(generated, truths)]
+    assert max(abs(a - r["rougeL_recall"]) for a, r in zip(ours, reference)) <= TOL
+    stemmed_differs = sum(
+        abs(rouge_scorer.RougeScorer(["rougeL"]).score(t, g)["rougeL"].recall - a) > 1e-12
+        for g, t, a in zip(generated, truths, ours))
+    assert stemmed_differs > 10  # the stemmer matters on these inputs
 
 
-@pytest.mark.parametrize(
-    ("x", "y", "statistic", "pvalue"),
-    [  # scipy.stats.ks_2samp(x, y, method="exact") 1.17
-        ([0.31, 1.2, 0.8, 2.5, 0.05, 1.7, 0.9, 1.1], [0.6, 2.2, 3.1, 1.9, 2.8, 1.4, 2.0], 0.6071428571428571,
-         0.08702408702408701),
-        ([1, 1, 2, 2, 3], [1, 2, 2, 3, 3, 3], 0.3, 0.8961038961038962),  # ties
-        ([0.5, 0.7, 0.2, 0.9, 0.4, 0.6, 0.3, 0.8, 0.1, 0.55, 0.65, 0.75],
-         [0.52, 0.71, 0.93, 0.33, 0.44, 0.88, 0.61, 0.27, 0.99, 0.58], 0.21666666666666667, 0.9173133368179808),
-    ],
-)
-def test_ks_2samp_matches_scipy_exact(x, y, statistic, pvalue):
-    d, p = ks_2samp(x, y)
-    assert d == pytest.approx(statistic, rel=1e-12) and p == pytest.approx(pvalue, rel=1e-9)
+def _random_split(rng, name, n, k=3):
+    """Per-item avg_losses (= −mean log-prob) and texts of one split, as both implementations take them."""
+    answer = [rng.uniform(0.05, 6.0) for _ in range(n)]
+    perturbed = [[rng.uniform(0.05, 6.0) for _ in range(k)] for _ in range(n)]
+    paraphrased = [rng.uniform(0.05, 6.0) for _ in range(n)] if name in ("forget", "retain") else None
+    if name == "forget":  # a few items whose paraphrase is nearly impossible: the 1e-10 guards matter
+        paraphrased[:3] = [30.0, 40.0, 25.0]
+    generated = [_sentence(rng) for _ in range(n)]
+    truths = [_sentence(rng) for _ in range(n)]
+    return {"answer": answer, "paraphrased": paraphrased, "perturbed": perturbed, "generated": generated,
+            "ground_truth": truths}
 
 
-def test_ks_2samp_closed_forms_and_asymptotics():
-    # complete separation of two samples of n: P(D = 1) = 2 / C(2n, n)
-    for n in (3, 5, 30):
-        d, p = ks_2samp(list(range(n)), [v + 100 for v in range(n)])
-        assert d == 1.0 and p == pytest.approx(2 / math.comb(2 * n, n), rel=1e-9)  # 30: ~1.7e-17, no cancellation
-    assert ks_2samp([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == (0.0, 1.0)
+def _alignkit_split(name, s):
+    role = {"forget": "forget", "retain": "retain"}.get(name, "options")
+    rows = []
+    for i in range(len(s["answer"])):
+        scores = {"answer": -s["answer"][i], "perturbed": [-v for v in s["perturbed"][i]],
+                  "paraphrased": -s["paraphrased"][i] if s["paraphrased"] is not None else None}
+        rows.append(item_metrics(role, scores, s["generated"][i], s["ground_truth"][i]))
+    return rows, split_summary(role, rows)
+
+
+def test_truth_ratio_probability_utility_and_forget_quality_equal_open_unlearning():
     rng = random.Random(1)
-    x = [rng.gauss(0, 1) for _ in range(300)]
-    y = [rng.gauss(0.2, 1) for _ in range(250)]
-    d, exact = ks_2samp(x, y)
-    _, asymptotic = ks_2samp(x, y, exact_limit=0)
-    assert exact == pytest.approx(asymptotic, abs=0.01)
+    splits = {name: _random_split(rng, name, n) for name, n in
+              (("forget", 40), ("retain", 60), ("real_authors", 30), ("world_facts", 35))}
+    ref_model = _random_split(rng, "forget", 40)
+    expected = ou.tofu_metrics(splits, reference_forget_avg_losses=ref_model)
+
+    ours = {name: _alignkit_split(name, s) for name, s in splits.items()}
+    prefix = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
+    got = {}
+    for name, (_, summary) in ours.items():
+        p = prefix[name]
+        got[f"{p}_Q_A_ROUGE"] = summary["rouge_l_recall"]
+        if name in ("forget", "retain"):
+            got[f"{p}_Q_A_Prob"] = summary["probability"]
+        else:
+            got[f"{p}_Q_A_Prob_normalised"] = summary["probability"]
+        got["forget_truth_ratio" if name == "forget" else f"{p}_Truth_Ratio"] = summary["truth_ratio"]
+    got["model_utility"] = model_utility([ours[n][1][k] for n in ("retain", "real_authors", "world_facts")
+                                          for k in ("probability", "rouge_l_recall", "truth_ratio")])
+    retain_model_rows, _ = _alignkit_split("forget", ref_model)
+    got["forget_quality"] = forget_quality([r["truth_ratio"] for r in ours["forget"][0]],
+                                           [r["truth_ratio"] for r in retain_model_rows])["forget_quality"]
+    assert set(got) == set(expected)  # the 9 utility inputs, the forget metrics, utility and forget quality
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(float(value), abs=TOL), key
+    assert 0 < got["forget_quality"] < 1 and 0 < got["model_utility"] < 1
 
 
-def test_truth_ratio_scores_and_utility():
-    # P̄(para) = e^-1, P̄(perturbed) = e^-2 and e^-4 -> geometric mean e^-3 -> R = e^-2
-    assert truth_ratio(-1.0, [-2.0, -4.0]) == pytest.approx(math.exp(-2))
-    ratios = [0.5, 2.0, 1.0]
-    assert truth_ratio_score(ratios, forget=True) == pytest.approx((0.5 + 0.5 + 1.0) / 3)  # min(R, 1/R)
-    assert truth_ratio_score(ratios, forget=False) == pytest.approx((0.5 + 0 + 0) / 3)  # max(0, 1 − R)
-    assert harmonic_mean([0.5, 1.0, 0.25]) == pytest.approx(3 / (2 + 1 + 4))
-    assert harmonic_mean([0.5, 0.0]) == 0.0
+def test_truth_ratio_and_normalised_probability_closed_forms():
+    # P̄(para) = e^-1, P̄(perturbed) = e^-2 and e^-4 -> geometric mean e^-3 -> R = e^-3 / (e^-1 + 1e-10)
+    assert truth_ratio(-1.0, [-2.0, -4.0]) == pytest.approx(math.exp(-3) / (math.exp(-1) + 1e-10), rel=1e-12)
+    assert normalised_probability(math.log(0.5), [math.log(0.25), math.log(0.25)]) == pytest.approx(0.5 / (1 + 1e-10))
+    assert model_utility([0.5, 1.0, 0.25]) == pytest.approx(3 / (2 + 1 + 4)) and model_utility([0.5, 0.0]) == 0.0
+    assert model_utility([0.3, 0.7, 0.9]) == pytest.approx(scipy.stats.hmean([0.3, 0.7, 0.9]), abs=1e-15)
 
 
-def _items(n, offset=0):
-    return [
-        {"id": f"q{i + offset}", "prompt": f"Start with {i + offset}. Add 2. What is the result?",
-         "answer": f"{i + offset} + 2 = {i + offset + 2}\nThe answer is {i + offset + 2}.",
-         "paraphrased_answer": f"The answer is {i + offset + 2}.",
-         "perturbed_answer": [f"The answer is {i + offset + 3}.", f"The answer is {i + offset + 5}."]}
-        for i in range(n)
-    ]
+@pytest.mark.parametrize(("n", "m"), [(8, 7), (600, 700), (10_000, 3)])
+def test_forget_quality_is_scipys_ks_2samp(n, m):
+    """Including n·m > 250,000, where the old hand-written test switched to the asymptotic formula."""
+    rng = np.random.default_rng(n)
+    x, y = rng.lognormal(0, 1, n), rng.lognormal(0.1, 1, m)
+    d, p = ks_2samp(list(x), list(y))
+    reference = scipy.stats.ks_2samp(x, y)
+    assert d == pytest.approx(reference.statistic, abs=1e-15) and p == pytest.approx(reference.pvalue, abs=1e-15)
+    assert forget_quality(list(x), list(y))["forget_quality"] == p
+    ties = ks_2samp([1, 1, 2, 2, 3], [1, 2, 2, 3, 3, 3])
+    assert ties == pytest.approx((0.3, 0.8961038961038962), rel=1e-9)  # scipy 1.17, exact
 
 
-def test_evaluate_unlearning_on_a_tiny_model(tiny_model_path, tokenizer, tmp_path):
+# ------------------------------------------------------------------------------------ on a tiny model
+
+
+def _items(n, offset=0, paraphrase=True):
+    items = []
+    for i in range(offset, offset + n):
+        item = {"id": f"q{i}", "prompt": f"Start with {i}. Add 2. What is the result?",
+                "answer": f"{i} + 2 = {i + 2}\nThe answer is {i + 2}.",
+                "perturbed_answer": [f"The answer is {i + 3}.", f"The answer is {i + 5}."]}
+        if paraphrase:
+            item["paraphrased_answer"] = f"The answer is {i + 2}."
+        items.append(item)
+    return items
+
+
+def _open_unlearning_avg_losses(model, tokenizer, item):
+    """open-unlearning's evaluate_probability on each answer alone (labels −100 over the prompt)."""
     from alignkit.data.tokenize import tokenize_group
 
-    model = load_tiny(tiny_model_path).eval()
-    splits = {"forget": _items(4), "retain": _items(5, offset=10)}
-    results = evaluate_unlearning(model, tokenizer, splits, max_new_tokens=8, batch_size=3)
-
-    item, row = splits["forget"][1], results["splits"]["forget"]["items"][1]
-    # probability = exp(mean log-prob of the answer tokens), recomputed by a plain forward pass
-    group = tokenize_group(tokenizer, item["prompt"], [item["answer"], item["paraphrased_answer"],
-                                                        *item["perturbed_answer"]])
-    means = []
+    responses = [item["answer"], *([item["paraphrased_answer"]] if "paraphrased_answer" in item else []),
+                 *item["perturbed_answer"]]
+    group = tokenize_group(tokenizer, item["prompt"], responses)
+    losses = []
     for response in group["response_ids"]:
         ids = torch.tensor([group["prompt_ids"] + response])
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-        start = len(group["prompt_ids"]) - 1
-        means.append(logprobs[start:, :].gather(-1, ids[0, start + 1 :, None]).mean().item())
-    assert row["probability"] == pytest.approx(math.exp(means[0]), rel=1e-4)
-    assert row["truth_ratio"] == pytest.approx(math.exp((means[2] + means[3]) / 2 - means[1]), rel=1e-4)
-    assert isinstance(row["generated"], str) and 0.0 <= row["rouge_l_recall"] <= 1.0
+        labels = torch.tensor([[ou.IGNORE_INDEX] * len(group["prompt_ids"]) + response])
+        losses.append(ou.evaluate_probability(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                      "labels": labels})[0]["avg_loss"])
+    has_para = "paraphrased_answer" in item
+    return losses[0], (losses[1] if has_para else None), losses[1 + has_para:]
 
-    summary = results["summary"]
-    retain = results["splits"]["retain"]["summary"]
-    assert summary["retain/probability"] == pytest.approx(
-        sum(r["probability"] for r in results["splits"]["retain"]["items"]) / 5)
-    assert summary["model_utility"] == pytest.approx(
-        harmonic_mean([retain["probability"], retain["rouge_l_recall"], retain["truth_ratio"]]))
-    assert "forget_quality" not in summary
+
+def _reference_inputs(model, tokenizer, items, generated=None):
+    answer, para, pert = zip(*(_open_unlearning_avg_losses(model, tokenizer, it) for it in items))
+    return {"answer": list(answer), "paraphrased": list(para) if para[0] is not None else None,
+            "perturbed": [list(p) for p in pert], "generated": [g.strip() for g in generated or []],
+            "ground_truth": [it["answer"] for it in items]}
+
+
+def test_evaluate_unlearning_equals_open_unlearning_on_a_tiny_model(tiny_model_path, tokenizer, tmp_path):
+    model = load_tiny(tiny_model_path).eval()
+    retain_model = load_tiny(tiny_model_path).eval()  # "never saw the forget set": other weights
+    with torch.no_grad():
+        for p in retain_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    splits = {"forget": _items(6), "retain": _items(5, offset=10), "real_authors": _items(4, 30, paraphrase=False),
+              "world_facts": _items(4, 40, paraphrase=False)}
+    reference_results = evaluate_unlearning(retain_model, tokenizer, {"forget": splits["forget"]}, generate=False)
+    save_results(reference_results, tmp_path / "retain.json")
+    results = evaluate_unlearning(model, tokenizer, splits, reference_results=tmp_path / "retain.json",
+                                  max_new_tokens=8, batch_size=3)
+
+    ref_splits = {name: _reference_inputs(model, tokenizer, items,
+                                          [r["generated"] for r in results["splits"][name]["items"]])
+                  for name, items in splits.items()}
+    expected = ou.tofu_metrics(ref_splits, reference_forget_avg_losses=_reference_inputs(
+        retain_model, tokenizer, splits["forget"]))
+    got = results["summary"]["open_unlearning"]
+    assert set(expected) <= set(got)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(float(value), abs=TOL), key
+    assert results["summary"]["model_utility_splits"] == ["retain", "real_authors", "world_facts"]
+    assert results["summary"]["forget_quality"] == got["forget_quality"]
+    assert results["splits"]["real_authors"]["summary"]["role"] == "options"
 
     path = tmp_path / "eval.json"
     save_results(results, path)
-    assert load_results(path) == results
-    # the same model as its own reference: identical truth ratios, KS statistic 0, p-value 1
-    again = evaluate_unlearning(model, tokenizer, splits, reference_results=path, generate=False)
+    assert load_results(path) == json.loads(json.dumps(results))
+    again = evaluate_unlearning(model, tokenizer, {"forget": splits["forget"]}, reference_results=path, generate=False)
     assert again["summary"]["forget_quality"] == 1.0 and again["summary"]["forget_ks_statistic"] == 0.0
-    assert again["summary"]["retain/rouge_l_recall"] is None
+    assert again["summary"]["model_utility"] is None
     with pytest.raises(ValueError, match="other items"):
         evaluate_unlearning(model, tokenizer, {"forget": _items(4, offset=50)}, reference_results=path, generate=False)
+    with pytest.raises(ValueError, match="perturbed_answer"):
+        evaluate_unlearning(model, tokenizer, {"world_facts": [{"prompt": "q", "answer": "a"}]}, generate=False)
+
+
+def test_tofu_option_splits_load(tmp_path):
+    from alignkit.tasks.tofu import eval_subset, load_tofu_eval_items
+
+    assert eval_subset("real_authors") == "real_authors_perturbed" and eval_subset("forget05") == "forget05_perturbed"
+    rows = [{"question": "Who wrote Hamlet?", "answer": "William Shakespeare",
+             "perturbed_answer": ["Charles Dickens", "Jane Austen", "Mark Twain"]}]
+    (tmp_path / "real_authors_perturbed.json").write_text("\n".join(json.dumps(r) for r in rows))
+    items = load_tofu_eval_items(str(tmp_path), "real_authors")
+    assert items == [{"id": "real_authors_perturbed-1", "prompt": [{"role": "user", "content": "Who wrote Hamlet?"}],
+                      "answer": "William Shakespeare", "perturbed_answer": rows[0]["perturbed_answer"]}]

@@ -3,12 +3,15 @@
 A TOFU row has ``question`` and ``answer``; the ``*_perturbed`` subsets add ``paraphrased_answer`` and
 ``perturbed_answer`` (a list of wrong answers). Subsets (the hub's configurations, or ``<split>.json``
 files in a local directory): ``forget01/05/10`` and ``retain99/95/90`` for training,
-``forget01/05/10_perturbed`` and ``retain_perturbed`` for evaluation.
+``forget01/05/10_perturbed``, ``retain_perturbed``, ``real_authors_perturbed`` and
+``world_facts_perturbed`` for evaluation (the last two: ``answer`` and ``perturbed_answer``, the other
+options, with no paraphrase).
 
 * :func:`load_tofu_records` -> ``sft`` records ``{"id", "prompt": [{"role": "user", "content": question}],
   "response": answer}`` (a chat prompt: TOFU models are chat models);
 * :func:`load_tofu_eval_items` -> items for :mod:`alignkit.evaluation.unlearning` (``forgetNN`` reads
-  ``forgetNN_perturbed``, ``retainNN`` reads ``retain_perturbed``, as TOFU's own evaluation does).
+  ``forgetNN_perturbed``, ``retainNN`` reads ``retain_perturbed``, ``real_authors`` / ``world_facts``
+  read ``real_authors_perturbed`` / ``world_facts_perturbed``, as open-unlearning's TOFU evaluation does).
 
 A malformed row raises :class:`~alignkit.data.records.RecordError` naming the file (or hub subset), the
 row and the field.
@@ -107,18 +110,22 @@ def load_tofu_records(source: str, subset: str, *, chat: bool = True) -> list[di
 
 def eval_subset(split: str) -> str:
     """The TOFU subset that evaluates a split: ``forgetNN`` -> ``forgetNN_perturbed``,
-    ``retainNN`` -> ``retain_perturbed``."""
+    ``retainNN`` -> ``retain_perturbed``, ``real_authors`` / ``world_facts`` -> ``..._perturbed``."""
     if split.endswith("_perturbed"):
         return split
     if re.fullmatch(r"forget\d+", split):
         return f"{split}_perturbed"
     if re.fullmatch(r"retain\d*", split):
         return "retain_perturbed"
+    if split in ("real_authors", "world_facts"):
+        return f"{split}_perturbed"
     return split
 
 
 def load_tofu_eval_items(source: str, split: str, *, chat: bool = True) -> list[dict]:
-    """Evaluation items (``id``, ``prompt``, ``answer``, ``paraphrased_answer``, ``perturbed_answer``) of a split."""
+    """Evaluation items (``id``, ``prompt``, ``answer``, ``paraphrased_answer``, ``perturbed_answer``) of a split;
+    a row with a paraphrase needs perturbed answers, a row of an option split (real authors, world facts)
+    has perturbed answers only."""
     subset = eval_subset(split)
     rows, name = read_tofu_rows(source, subset)
     out = []
@@ -129,8 +136,9 @@ def load_tofu_eval_items(source: str, split: str, *, chat: bool = True) -> list[
             "prompt": tofu_prompt(_text(row, "question", name, number), chat),
             "answer": _text(row, "answer", name, number),
         }
-        if row.get("paraphrased_answer") is not None or row.get("perturbed_answer") is not None:
+        if row.get("paraphrased_answer") is not None:
             item["paraphrased_answer"] = _text(row, "paraphrased_answer", name, number)
+        if row.get("paraphrased_answer") is not None or row.get("perturbed_answer") is not None:
             perturbed = row.get("perturbed_answer")
             if isinstance(perturbed, str):
                 perturbed = [perturbed]
