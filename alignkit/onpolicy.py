@@ -10,7 +10,16 @@ Everything a round produces lives in ``output_dir/round_<k>/``: ``rollouts.jsonl
 ``records.jsonl`` (what was trained on), ``rollout_stats.json``, checkpoints, and the round's model.
 ``output_dir/onpolicy_state.json`` records finished rounds, so a crashed run resumes where it
 stopped: finished rounds are skipped (their model is loaded), a round's rollouts are never sampled
-twice, and the interrupted round's trainer resumes from its last checkpoint.
+twice, and the interrupted round's trainer resumes from its last checkpoint. The state is an
+:mod:`alignkit.cache` entry keyed by everything the rounds depend on (the starting model's full weights
+digest, the problems, the sampling and verification settings, the method and its training settings): a
+run with other inputs in the same output directory starts over instead of reusing rounds that are not
+its own, and a run that does not resume samples every round afresh.
+
+Sampling goes through the one rollout setup (:class:`alignkit.rollout.setup.RolloutSetup`): the engine
+is built on the policy, synced after each round, and round ``r`` samples with seed ``base + r``. The
+recipe layer passes the plug-ins (compatibility term, flip guard) of each round's trainer through
+``round_plugins``.
 
 Reference policy: ``onpolicy_reference="initial"`` keeps the starting model as the reference in every
 round (with LoRA it is the base with the adapter off, so no copy is made); ``"round"`` uses the
@@ -29,9 +38,22 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from accelerate import PartialState
+
 from alignkit.checkpoints import newest_complete_checkpoint
-from alignkit.data.loading import read_json_lines
-from alignkit.negatives import RolloutStats, sample_rollouts, verify_rollouts, write_jsonl
+from alignkit.cache import (
+    CacheEntry,
+    json_digest,
+    model_key,
+    on_main_process,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
+from alignkit.negatives import RolloutStats, sample_rollouts, verify_rollouts
+from alignkit.rollout.setup import RolloutSetup, map_sharded
+from alignkit.trainers.base import is_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -71,28 +93,38 @@ def load_saved_weights(model, directory: str | Path) -> None:
     load_sharded_checkpoint(model, str(directory), strict=False)
 
 
-def _read_state(output_dir: Path) -> dict:
-    path = output_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {"rounds_completed": 0, "history": []}
+TRAINING_KEYS = ("learning_rate", "beta", "loss_type", "label_smoothing", "sft_weight", "num_train_epochs", "max_steps",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "reference", "max_length",
+                 "max_prompt_length", "seed", "pairs_per_prompt", "chosen_fallback", "onpolicy_reference",
+                 "prompts_per_round")
 
 
-def _write_state(output_dir: Path, state: dict) -> None:
-    tmp = output_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(output_dir / STATE_FILE)
+def state_key(*, trainer_cls, config, model, problems: Sequence[dict], setup: RolloutSetup) -> dict:
+    """What the finished rounds of a run depend on (the starting ``model``, before any round's weights)."""
+    return {
+        "kind": "onpolicy_state",
+        "version": 1,
+        "method": trainer_cls.__name__,
+        **model_key(model, exclude=()),
+        "problems": {"count": len(problems), "sha256": json_digest([[p["prompt"], p.get("answer"), p.get("tests")]
+                                                                   for p in problems])},
+        "sampling": setup.sampling(0).to_dict(),
+        "rollout_n": setup.args.rollout_n,
+        "backend": setup.backend,
+        "verifier": setup.args.verifier,
+        "training": {k: getattr(config, k, None) for k in TRAINING_KEYS},
+    }
 
 
-def _sample_sharded(engine, problems, n, sampling):
-    """Each process samples its share; every process gets all rows back, in problem order."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    state = PartialState()
-    if state.num_processes == 1:
-        return sample_rollouts(engine, problems, n, sampling)
-    with state.split_between_processes(list(problems)) as mine:
-        rows = sample_rollouts(engine, mine, n, sampling) if mine else []
-    return gather_object(rows)
+def _read_state(entry: CacheEntry, resume: bool) -> dict | None:
+    """The finished rounds to resume from, or ``None`` to start over (main process decides)."""
+    if not resume or not entry.path.exists():
+        return None
+    if not entry.matches():
+        logger.warning("on-policy: %s holds the rounds of other inputs (starting weights, problems, sampling or "
+                       "training settings differ); starting over", entry.path)
+        return None
+    return read_json(entry.path)
 
 
 def run_onpolicy_rounds(
@@ -106,21 +138,26 @@ def run_onpolicy_rounds(
     build_records: Callable[[list[dict]], list[dict]],
     eval_dataset=None,
     resume: bool = False,
+    round_plugins: Callable[[], dict] | None = None,
+    rollout_engine=None,
 ):
     """Run ``config.onpolicy_rounds`` rounds; returns the last round's trainer (or ``None``).
 
     ``build_records`` turns a round's verified rollout rows into the trainer's records (for DPO:
-    :func:`alignkit.negatives.preference_pairs`).
+    :func:`alignkit.negatives.preference_pairs`). ``round_plugins()`` gives each round's trainer its
+    plug-ins (``aux_losses``, ``callbacks``: fresh ones per round); ``rollout_engine`` an engine to use
+    instead of building one from ``rollout_args``.
     """
-    from accelerate import PartialState
-
-    from alignkit.trainers.base import _is_peft_model
-
     state_ = PartialState()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = _read_state(output_dir) if resume else {"rounds_completed": 0, "history": []}
-    is_peft = _is_peft_model(model)
+    setup = RolloutSetup(rollout_args, tokenizer, engine=rollout_engine, seed=config.seed)
+    entry = CacheEntry(output_dir / STATE_FILE, state_key(trainer_cls=trainer_cls, config=config, model=model,
+                                                           problems=problems, setup=setup))
+    state = on_main_process(lambda: _read_state(entry, resume))
+    resume = state is not None  # the round files and checkpoints in output_dir are this run's
+    state = state or {"rounds_completed": 0, "history": []}
+    is_peft = is_peft_model(model)
 
     ref_model = None
     if config.onpolicy_reference == "round" and is_peft:
@@ -133,7 +170,8 @@ def run_onpolicy_rounds(
     if config.onpolicy_reference == "initial" and not is_peft and config.reference not in ("none",):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    if getattr(config, "flip_guard_data", None):
+    plugins = round_plugins() if round_plugins is not None else {}
+    if any(hasattr(cb, "pop_logs") for cb in plugins.get("callbacks", [])):
         logger.warning("flip guard in on-policy rounds: each round is compared with the model it started from, "
                        "not with the initial model (run `alignkit flips` on the initial and final models for that)")
     done = state["rounds_completed"]
@@ -143,20 +181,19 @@ def run_onpolicy_rounds(
         load_saved_weights(model, saved[-1])
     if done:
         logger.info("on-policy: resuming after %d finished round(s)", done)
-    engine = rollout_args.engine(model, tokenizer)
-    if saved:  # vLLM engines load the checkpoint from disk: give them the resumed weights
-        engine.sync_weights(model)
-    verifier = rollout_args.make_verifier()
-    base_seed = rollout_args.rollout_seed if rollout_args.rollout_seed is not None else config.seed
+    # a vLLM engine loads the checkpoint from disk: a resumed run gives it the resumed weights
+    engine = setup.engine(model, sync=bool(saved))
+    verifier = setup.verifier()
 
     trainer = None
     for r in range(done, config.onpolicy_rounds):
         round_dir = output_dir / f"round_{r}"
         records_path = round_dir / "records.jsonl"
-        if not records_path.exists():
+        if not (resume and r == done and records_path.exists()):  # only the interrupted round's data is reused
             start = time.perf_counter()
             subset = round_problems(problems, r, config.prompts_per_round)
-            rows = _sample_sharded(engine, subset, rollout_args.rollout_n, rollout_args.sampling(seed=base_seed + r))
+            rows = map_sharded(subset, lambda share: sample_rollouts(engine, share, setup.args.rollout_n,
+                                                                     setup.sampling(r)))
             if state_.is_main_process:
                 rows = verify_rollouts(rows, verifier)
                 stats = RolloutStats.of(rows, seconds=time.perf_counter() - start)
@@ -167,7 +204,7 @@ def run_onpolicy_rounds(
                 logger.info("round %d rollouts:\n%s\n%d training records", r, stats.format(), len(records))
             state_.wait_for_everyone()
         rollout_stats = json.loads((round_dir / "rollout_stats.json").read_text())
-        records = [row for _, row in read_json_lines(records_path)]
+        records = read_jsonl(records_path)
         if not records:
             logger.warning("round %d: no training records (all prompts all-right or no fallback); skipping", r)
         else:
@@ -180,6 +217,7 @@ def run_onpolicy_rounds(
                 eval_dataset=eval_dataset,
                 processing_class=tokenizer,
                 ref_model=ref_model,
+                **(plugins if r == done else round_plugins() if round_plugins is not None else {}),
             )
             checkpoint = newest_complete_checkpoint(round_dir)[0] if resume else None
             trainer.train(resume_from_checkpoint=checkpoint)
@@ -187,10 +225,10 @@ def run_onpolicy_rounds(
             trainer.log({f"rollout/{k}": float(rollout_stats[k]) for k in ROUND_STATS} | {"round": float(r)})
             trainer.save_model(str(round_dir / "model"))
             model = trainer.model  # the unwrapped model (a peft model stays a peft model)
-        engine.sync_weights(model)
+        engine = setup.engine(model)  # sync the trained weights
         state["rounds_completed"] = r + 1
         state["history"].append({"round": r, **{k: rollout_stats[k] for k in ROUND_STATS}})
         if state_.is_main_process:
-            _write_state(output_dir, state)
+            entry.store(state, write_json)
         state_.wait_for_everyone()
     return trainer, model

@@ -9,9 +9,15 @@ A recipe is a flat mapping, as in TRL's recipes::
     output_dir: outputs/dpo_tiny
 
 ``HfArgumentParser`` splits the keys between the method's ``*Config`` (a ``TrainingArguments``),
-:class:`~alignkit.modeling.ModelArguments`, :class:`DataArguments` and
+:class:`~alignkit.modeling.ModelArguments`, :class:`DataArguments`,
 :class:`~alignkit.rollout.arguments.RolloutArguments` (sampling and verification, for the methods that
-sample); command-line ``--key value`` pairs override the file. Unknown keys are an error that names the recipe and the key.
+sample) and the plug-ins' keys: :class:`~alignkit.compatibility.CompatArguments` (``compat_*``) and
+:class:`~alignkit.evaluation.flip_guard.FlipGuardArguments` (``flip_guard_*``); command-line ``--key value``
+pairs override the file. Unknown keys are an error that names the recipe and the key.
+
+The recipe layer attaches the plug-ins: :func:`plugins` loads the compatibility records and the flip
+guard's problems with the recipe's data settings (so they are chat-formatted like the training data) and
+gives the trainer its ``aux_losses`` and ``callbacks``.
 """
 
 from __future__ import annotations
@@ -20,12 +26,19 @@ import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
-from transformers import HfArgumentParser
+from peft import get_peft_model
+from transformers import HfArgumentParser, set_seed
 
 from alignkit.checkpoints import resolve_resume_checkpoint
-from alignkit.modeling import ModelArguments
+from alignkit.compatibility import CompatArguments
+from alignkit.data.loading import load_records, load_records_of_kinds
+from alignkit.data.prompts import chat_mode, format_records, use_chat
+from alignkit.evaluation.flip_guard import FlipGuardArguments
+from alignkit.modeling import ModelArguments, load_model_and_tokenizer, lora_config
+from alignkit.onpolicy import run_onpolicy_rounds
 from alignkit.rollout.arguments import RolloutArguments
 
 METHODS = {
@@ -77,8 +90,6 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        from alignkit.data.prompts import chat_mode
-
         self.chat = chat_mode(self.chat)
 
 
@@ -91,9 +102,20 @@ def method_classes(method: str):
     return getattr(mod, config_name), getattr(mod, trainer_name)
 
 
-def parse_recipe(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None):
-    """Read a recipe and apply ``--key value`` overrides:
-    ``(method, config, model_args, data_args, rollout_args)``."""
+class Recipe(NamedTuple):
+    """A parsed recipe: ``run_recipe(*recipe)`` runs it."""
+
+    method: str
+    config: object
+    model_args: ModelArguments
+    data_args: DataArguments
+    rollout_args: RolloutArguments
+    compat_args: CompatArguments
+    flip_guard_args: FlipGuardArguments
+
+
+def parse_recipe(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None) -> Recipe:
+    """Read a recipe and apply ``--key value`` overrides (see :class:`Recipe`)."""
     raw = {}
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -103,15 +125,14 @@ def parse_recipe(path: str | Path | None, overrides: list[str] | None = None, me
     if method is None:
         raise ValueError(f"{path}: the recipe has no 'method' (one of {sorted(METHODS)})")
     config_cls, _ = method_classes(method)
-    classes = (config_cls, ModelArguments, DataArguments, RolloutArguments)
+    classes = (config_cls, ModelArguments, DataArguments, RolloutArguments, CompatArguments, FlipGuardArguments)
     parser = HfArgumentParser(classes)
     known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown recipe keys {unknown} for method {method!r}")
     parser.set_defaults(**raw)
-    config, model_args, data_args, rollout_args = parser.parse_args_into_dataclasses(args=overrides or [])
-    return method, config, model_args, data_args, rollout_args
+    return Recipe(method, *parser.parse_args_into_dataclasses(args=overrides or []))
 
 
 def load_data(source: str | None, data_args: DataArguments, kind: str, *, train: bool, tokenizer=None):
@@ -123,14 +144,10 @@ def load_data(source: str | None, data_args: DataArguments, kind: str, *, train:
     records = _load_source(source, data_args, kind, train=train)
     if records is None or tokenizer is None:
         return records
-    from alignkit.data.prompts import format_records, use_chat
-
     if not use_chat(tokenizer, data_args.chat):
         return records
     if isinstance(records, (str, Path)):
-        from alignkit.data.loading import load_records
-
-        records = load_records(str(records), kind)
+        records, _ = load_records_of_kinds(str(records), kind)
     return format_records(records, tokenizer, data_args.chat, data_args.system_prompt)
 
 
@@ -194,10 +211,8 @@ def _load_source(source: str | None, data_args: DataArguments, kind: str, *, tra
         return load_champ_problems()
     if Path(source).exists():
         return source
-    from alignkit.data.loading import load_records
-
     split = data_args.train_split if train else data_args.eval_split
-    return load_records(source, kind, split=split, name=data_args.dataset_config)
+    return load_records_of_kinds(source, kind, split=split, name=data_args.dataset_config)[0]
 
 
 def resolve_resume(config) -> str | None:
@@ -207,21 +222,35 @@ def resolve_resume(config) -> str | None:
     return resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
 
 
-def _records_list(data) -> list[dict]:
+def _records_list(data, kind: str = "problems") -> list[dict]:
     if isinstance(data, (str, Path)):
-        from alignkit.data.loading import load_records
-
-        data = load_records(str(data), "problems")
+        data = load_records(str(data), kind)
     return data.to_list() if hasattr(data, "to_list") else list(data)
 
 
-def run_onpolicy_recipe(method, config, model_args, data_args, rollout_args):
+def plugins(tokenizer, data_args: DataArguments, compat_args: CompatArguments | None,
+            flip_guard_args: FlipGuardArguments | None) -> dict:
+    """The trainer keyword arguments of the recipe's plug-ins: ``aux_losses`` (the compatibility term when
+    ``compat_weight`` > 0) and ``callbacks`` (the flip guard when ``flip_guard_data`` is set). Their records
+    are read like the training data (recipe sources, chat formatting)."""
+    out: dict = {"aux_losses": [], "callbacks": []}
+    if compat_args is not None:
+        records = None
+        if compat_args.compat_data:
+            records = load_data(compat_args.compat_data, data_args, "sft", train=True, tokenizer=tokenizer)
+        term = compat_args.term(records)
+        if term is not None:
+            out["aux_losses"].append(term)
+    if flip_guard_args is not None and flip_guard_args.flip_guard_data:
+        held_out = dataclasses.replace(data_args, synthetic_eval_size=flip_guard_args.flip_guard_max_items)
+        problems = _records_list(load_data(flip_guard_args.flip_guard_data, held_out, "problems", train=False,
+                                           tokenizer=tokenizer))
+        out["callbacks"].append(flip_guard_args.callback(problems, tokenizer=tokenizer))
+    return out
+
+
+def run_onpolicy_recipe(method, config, model_args, data_args, rollout_args, compat_args=None, flip_guard_args=None):
     """On-policy rounds (``onpolicy_rounds > 0``): problems in, rounds of rollout/verify/train."""
-    from peft import get_peft_model
-
-    from alignkit.modeling import load_model_and_tokenizer, lora_config
-    from alignkit.onpolicy import run_onpolicy_rounds
-
     _, trainer_cls = method_classes(method)
     model, tokenizer = load_model_and_tokenizer(model_args)
     peft_config = lora_config(model_args)
@@ -238,22 +267,21 @@ def run_onpolicy_recipe(method, config, model_args, data_args, rollout_args):
         build_records=lambda rows: trainer_cls.onpolicy_records(config, rows),
         eval_dataset=load_data(data_args.eval_data, data_args, trainer_cls.record_kind, train=False, tokenizer=tokenizer),
         resume=str(config.resume_from_checkpoint).lower() not in ("none", "false", ""),
+        round_plugins=lambda: plugins(tokenizer, data_args, compat_args, flip_guard_args),
     )
     if trainer is not None:
         trainer.save_model(config.output_dir)
     return trainer
 
 
-def run_recipe(method, config, model_args, data_args, rollout_args=None):
-    """Load the model, build the trainer, train (resuming if asked), save model/adapter and tokenizer."""
-    from transformers import set_seed
-
-    from alignkit.modeling import load_model_and_tokenizer, lora_config
-
+def run_recipe(method, config, model_args, data_args, rollout_args=None, compat_args=None, flip_guard_args=None):
+    """Load the model, build the trainer with the recipe's plug-ins, train (resuming if asked), save
+    model/adapter and tokenizer."""
     _, trainer_cls = method_classes(method)
     set_seed(config.seed)
     if getattr(config, "onpolicy_rounds", 0):
-        return run_onpolicy_recipe(method, config, model_args, data_args, rollout_args or RolloutArguments())
+        return run_onpolicy_recipe(method, config, model_args, data_args, rollout_args or RolloutArguments(),
+                                   compat_args, flip_guard_args)
     extra = {}
     if data_args.retain_data is not None and not getattr(trainer_cls, "uses_retain_data", False):
         raise ValueError(f"retain_data is for unlearning methods (npo); method {method!r} does not use it")
@@ -271,6 +299,7 @@ def run_recipe(method, config, model_args, data_args, rollout_args=None):
         eval_dataset=load_data(data_args.eval_data, data_args, kind, train=False, tokenizer=tokenizer),
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
+        **plugins(tokenizer, data_args, compat_args, flip_guard_args),
         **extra,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(config))

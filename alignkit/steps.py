@@ -30,6 +30,17 @@ the samples of a problem) are sampled once. A :class:`StepValueCost` reports wha
 
 Advantage A_i = Q_i − Q_{i−1} (i = 1..n): how much step i changed the chance of success.
 
+Per-step records (:func:`build_perstep_records`): problems -> on-policy samples (rollout engine) -> verdicts
+(verifier) -> the distinct incorrect samples (up to ``negatives_per_problem`` per problem) -> their step
+values (one batched generate call) -> the records :class:`~alignkit.trainers.perstep.PerStepTrainer` reads
+(the ``perstep`` kind of :mod:`alignkit.data.records`)::
+
+    {"prompt", "response", "steps": [...], "values": [Q_0..Q_n], "first_pit": c or None,
+     "chosen": a correct solution or None, "chosen_source": "policy" | "solution" | None, ...problem fields}
+
+``chosen`` is a distinct on-policy correct sample of the same problem (cycled over the negatives), else the
+gold ``solution``.
+
 First pit (:func:`first_pit`): the first step after which success is least likely,
 c = min{ i ≥ 1 : Q_i = min_{j ≥ 1} Q_j }, counted only when it is a drop, Q_c < Q_0 (ties between steps:
 the earliest; ties up to ``tol``). If no step lowers the value below the bare prompt's (flat values, or
@@ -49,7 +60,9 @@ from itertools import pairwise
 
 from tqdm.auto import tqdm
 
-from alignkit.rollout.base import Prompt, RolloutEngine, SamplingConfig, render_prompt
+from alignkit.cache import canonical_json
+from alignkit.negatives import RolloutStats, distinct_completions, sample_rollouts, verify_rollouts
+from alignkit.rollout.base import Prompt, RolloutEngine, SamplingConfig, prompt_token_ids, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +193,7 @@ class StepValues:
 
 
 def _state_key(prompt: Prompt, prefix: str) -> tuple[str, str]:
-    from alignkit.reference_samples import prompt_key
-
-    return prompt_key(prompt), prefix
+    return canonical_json(prompt), prefix
 
 
 def continuation_prompt(tokenizer, prompt: Prompt, prefix: str) -> str:
@@ -198,8 +209,6 @@ def check_continuation_tokens(tokenizer, prompt: Prompt, prefix: str = "") -> No
     with the trainers' prompt tokens (e.g. a tokenizer that adds a BOS token to an already rendered chat
     template, giving two BOS tokens), i.e. when continuations would be sampled from another state than the
     one the model is trained on."""
-    from alignkit.rollout.base import prompt_token_ids
-
     trained = prompt_token_ids(tokenizer, prompt)
     engine = prompt_token_ids(tokenizer, continuation_prompt(tokenizer, prompt, prefix))
     # the last prompt token may merge with the prefix (BPE); compare all but it
@@ -296,3 +305,69 @@ def estimate_step_values(
     cost.seconds = time.perf_counter() - start
     logger.info(cost.format())
     return out, cost
+
+
+# ------------------------------------------------------------------------------------ per-step records
+
+_DROP = ("completions", "prompt", "response", "steps", "values", "first_pit", "chosen", "chosen_source")
+
+
+def build_perstep_records(
+    engine: RolloutEngine,
+    verifier,
+    problems: Sequence[dict],
+    *,
+    tokenizer,
+    samples_per_problem: int = 8,
+    negatives_per_problem: int = 8,
+    sampling: SamplingConfig | None = None,
+    value_sampling: SamplingConfig | None = None,
+    num_rollouts: int = 4,
+    best_of: int = 1,
+    split="newline",
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
+    """Per-step records for ``problems`` (see the module docstring) and a report
+    ``{"rollouts": RolloutStats dict, "step_values": StepValueCost dict, "records": count, ...}``."""
+    start = time.perf_counter()
+    rows = verify_rollouts(sample_rollouts(engine, problems, samples_per_problem, sampling, keep_token_data=False),
+                           verifier, num_workers=num_workers)
+    stats = RolloutStats.of(rows, seconds=time.perf_counter() - start)
+    logger.info("per-step records: on-policy samples\n%s", stats.format())
+    negatives, owners, chosen = [], [], []
+    for row in rows:
+        distinct = distinct_completions(row["completions"])
+        right = [c["text"] for c in distinct if c["correct"]]
+        wrong = [c["text"] for c in distinct if not c["correct"]][:negatives_per_problem]
+        for k, text in enumerate(wrong):
+            negatives.append(text)
+            owners.append(row)
+            if right:
+                chosen.append((right[k % len(right)], "policy"))
+            elif isinstance(row.get("solution"), str) and row["solution"].strip():
+                chosen.append((row["solution"], "solution"))
+            else:
+                chosen.append((None, None))
+    values, cost = estimate_step_values(
+        engine, verifier, owners, negatives, tokenizer=tokenizer, num_rollouts=num_rollouts, best_of=best_of,
+        sampling=value_sampling or sampling, split=split, final_values=[0.0] * len(negatives),
+        num_workers=num_workers, progress=progress,
+    ) if negatives else ([], StepValueCost())
+    records = []
+    for row, text, sv, (chosen_text, source) in zip(owners, negatives, values, chosen):
+        base = {k: v for k, v in row.items() if k not in _DROP}
+        records.append({**base, "prompt": row["prompt"], "response": text, "steps": sv.steps, "values": sv.values,
+                        "first_pit": first_pit(sv.values), "chosen": chosen_text, "chosen_source": source})
+    pits = sum(r["first_pit"] is not None for r in records)
+    report = {
+        "rollouts": stats.to_dict(),
+        "step_values": cost.to_dict(),
+        "records": len(records),
+        "with_pit": pits,
+        "with_chosen": sum(r["chosen"] is not None for r in records),
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info("per-step records: %d negatives (%d with a first pit) from %d problems; %s", len(records), pits,
+                len(problems), cost.format())
+    return records, report

@@ -67,7 +67,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from alignkit.compatibility import compat_records
+    from alignkit.compatibility import CompatibilityTerm, compat_records
     from alignkit.evaluation.flips import flip_metrics
     from alignkit.negatives import preference_pairs, read_rollouts, sample_rollouts, verify_rollouts, write_jsonl
     from alignkit.quickstart import evaluate_problems
@@ -113,8 +113,9 @@ def main() -> None:
             model = load()
             pairs = preference_pairs(rollouts, pairs_per_prompt=1, fallback="solution", seed=seed)
             config = DPOConfig(**_common(out / f"dpo_l{lam}_s{seed}", seed), learning_rate=a.learning_rate, beta=0.1,
-                               num_train_epochs=1, compat_weight=lam, compat_data=str(compat_path) if lam else None)
-            DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer).train()
+                               num_train_epochs=1)
+            aux = [CompatibilityTerm(str(compat_path), weight=lam)] if lam else []
+            DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer, aux_losses=aux).train()
             new = [p["correct"] for p in evaluate_problems(model, tokenizer, held_out, verifier)]
             m = flip_metrics(old, new)
             runs.append({"lambda": lam, "seed": seed, "accuracy_old": m.accuracy_old, "accuracy_new": m.accuracy_new,

@@ -98,16 +98,16 @@ def greedy_correct(model, tokenizer, problems, max_new_tokens: int = 128) -> lis
 
 
 def update(old_path: str, out: Path, lam: float, compat, steps: int, lr: float, seed: int):
+    from alignkit.compatibility import CompatibilityTerm
     from alignkit.tasks.arithmetic import make_problems
     from alignkit.trainers import SFTTrainer
     from alignkit.trainers.sft import sft_records
 
     model, tokenizer = _load(old_path)
     records = sft_records(make_problems(4000, seed=100 + seed, spec=_spec(NEW_SPEC)))
-    config = _config(out, learning_rate=lr, lr_scheduler_type="constant", max_steps=steps, seed=seed,
-                     compat_weight=lam, compat_batch_size=16)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=records, processing_class=tokenizer,
-                         compat_dataset=compat if lam > 0 else None)
+    config = _config(out, learning_rate=lr, lr_scheduler_type="constant", max_steps=steps, seed=seed)
+    aux = [CompatibilityTerm(compat, weight=lam, batch_size=16)] if lam > 0 else []
+    trainer = SFTTrainer(model=model, args=config, train_dataset=records, processing_class=tokenizer, aux_losses=aux)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

@@ -5,6 +5,8 @@ the step (a crash + resume gives the weights of an uninterrupted run); ``compat_
 old model got right."""
 
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 import alignkit.trainers.base as base
-from alignkit.compatibility import CompatStream, compat_batch_indices, compat_records
+from alignkit.compatibility import CompatArguments, CompatibilityTerm, CompatStream, compat_batch_indices, compat_records
 from alignkit.data.collate import GroupCollator
 from alignkit.data.tokenize import tokenize_group
 from alignkit.tasks.arithmetic import make_preference_pairs, make_problems
@@ -26,6 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAIN = sft_records(make_problems(16, seed=2))
 COMPAT = sft_records(make_problems(7, seed=5))
+
+
+def _term(weight=1.0, records=COMPAT, **kw):
+    return [CompatibilityTerm(records, weight=weight, **kw)] if weight else []
 
 
 def _config(tmp_path, cls=SFTConfig, **kw):
@@ -71,15 +77,16 @@ def test_compat_term_equals_direct_recomputation(tiny_model_path, tokenizer, tmp
                    train_dataset=COMPAT, processing_class=tokenizer).train()
         start.eval()
     model = copy.deepcopy(start)
-    trainer = SFTTrainer(model=model, args=_config(tmp_path, compat_weight=0.7, compat_batch_size=5, compat_mask=mask),
-                         train_dataset=TRAIN, processing_class=tokenizer, compat_dataset=COMPAT)
-    assert trainer.compat_source == "copy" and trainer.compat_model is not None
+    compat = CompatibilityTerm(COMPAT, weight=0.7, batch_size=5, mask=mask)
+    trainer = SFTTrainer(model=model, args=_config(tmp_path), train_dataset=TRAIN, processing_class=tokenizer,
+                         aux_losses=[compat])
+    assert compat.source == "copy" and compat.old_model is not None
     _perturb(model, scale=0.05 if mask == "all" else 0.01)  # the policy moved away from the starting model; the frozen copy did not
     trainer.state.global_step = 3
     index = 3 * trainer.args.gradient_accumulation_steps
-    records = [COMPAT[i] for i in trainer.compat_stream.indices(index)]
+    records = [COMPAT[i] for i in compat.stream.indices(index)]
     assert len(records) == 5
-    term = trainer.compat_term(model).detach()
+    term = compat(trainer, model).detach()
     expected, tokens = _direct_kl(model, start, tokenizer, records, token_mask=mask == "token")
     assert tokens > 10 and expected > 1e-4
     if mask == "token":
@@ -91,7 +98,7 @@ def test_compat_term_equals_direct_recomputation(tiny_model_path, tokenizer, tmp
         [tokenize_group(tokenizer, r["prompt"], [r["response"]], max_length=128) for r in TRAIN[:4]])
     method_loss, _ = trainer.compute_batch_loss(model, batch)
     trainer.state.global_step = 3
-    trainer._compat_step = (-1, -1)
+    compat._step = (-1, -1)
     model.train()
     total = trainer.compute_loss(model, batch)
     assert float(total.detach()) == pytest.approx(float(method_loss.detach()) + 0.7 * expected, rel=1e-4)
@@ -111,13 +118,14 @@ def test_compat_weight_zero_leaves_loss_and_models_unchanged(tiny_model_path, to
     pairs = make_preference_pairs(4, seed=1)
     batch = None
     losses = {}
-    for name, kw in {"plain": {}, "zero": dict(compat_weight=0.0, compat_data=None)}.items():
+    for name in ("plain", "zero"):  # λ = 0 attaches no term (the recipe layer and CompatArguments.term)
         copies.clear()
         model = load_tiny(tiny_model_path)
-        trainer = SFTTrainer(model=model, args=_config(tmp_path, **kw), train_dataset=TRAIN, processing_class=tokenizer,
-                             compat_dataset=COMPAT if name == "zero" else None)
-        assert copies == [] and trainer.compat_model is None and trainer.ref_model is None
-        assert trainer.compat_stream is None and trainer.compat_source is None
+        aux = CompatArguments(compat_weight=0.0).term(COMPAT if name == "zero" else None)
+        assert aux is None
+        trainer = SFTTrainer(model=model, args=_config(tmp_path), train_dataset=TRAIN, processing_class=tokenizer,
+                             aux_losses=_term(0.0))
+        assert copies == [] and trainer.ref_model is None and trainer.aux_losses == []
         batch = batch or GroupCollator(tokenizer.pad_token_id, "shared_prompt")(
             [tokenize_group(tokenizer, r["prompt"], [r["response"]]) for r in TRAIN[:4]])
         model.train()
@@ -128,22 +136,23 @@ def test_compat_weight_zero_leaves_loss_and_models_unchanged(tiny_model_path, to
     # DPO with a frozen reference: λ = 0 -> one copy (the reference); λ > 0 -> still one, π_old is the reference
     for weight in (0.0, 0.5):
         copies.clear()
-        trainer = DPOTrainer(model=load_tiny(tiny_model_path), args=_config(tmp_path, DPOConfig, compat_weight=weight),
-                             train_dataset=pairs, processing_class=tokenizer, compat_dataset=COMPAT if weight else None)
-        assert len(copies) == 1 and trainer.compat_model is None
-        assert trainer.compat_source == ("reference" if weight else None)
+        aux = _term(weight)
+        trainer = DPOTrainer(model=load_tiny(tiny_model_path), args=_config(tmp_path, DPOConfig),
+                             train_dataset=pairs, processing_class=tokenizer, aux_losses=aux)
+        assert len(copies) == 1 and all(t.old_model is None and t.source == "reference" for t in aux)
     # SFT: λ > 0 makes exactly one frozen copy; with LoRA none (the adapter-off base is the old model)
     copies.clear()
-    SFTTrainer(model=load_tiny(tiny_model_path), args=_config(tmp_path, compat_weight=1.0), train_dataset=TRAIN,
-               processing_class=tokenizer, compat_dataset=COMPAT)
+    SFTTrainer(model=load_tiny(tiny_model_path), args=_config(tmp_path), train_dataset=TRAIN,
+               processing_class=tokenizer, aux_losses=_term(1.0))
     assert len(copies) == 1
     copies.clear()
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=load_tiny(tiny_model_path), args=_config(tmp_path, compat_weight=1.0), train_dataset=TRAIN,
-                         processing_class=tokenizer, compat_dataset=COMPAT, peft_config=lora)
-    assert copies == [] and trainer.compat_source == "adapter" and trainer.compat_model is None
+    compat = CompatibilityTerm(COMPAT, weight=1.0)
+    trainer = SFTTrainer(model=load_tiny(tiny_model_path), args=_config(tmp_path), train_dataset=TRAIN,
+                         processing_class=tokenizer, aux_losses=[compat], peft_config=lora)
+    assert copies == [] and compat.source == "adapter" and compat.old_model is None
     trainer.state.global_step = 0
-    assert float(trainer.compat_term(trainer.model)) == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity
+    assert float(compat(trainer, trainer.model)) == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity
 
 
 def test_compat_batches_are_a_pure_function_of_the_step():
@@ -164,10 +173,9 @@ def test_crash_and_resume_gives_the_same_weights(tiny_model_path, tokenizer, tmp
 
     def run(out, callbacks=(), resume=None):
         config = _config(tmp_path, output_dir=str(out), max_steps=6, save_strategy="steps", save_steps=3,
-                         per_device_train_batch_size=2, gradient_accumulation_steps=2, compat_weight=2.0,
-                         compat_batch_size=3, learning_rate=1e-2)
+                         per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2)
         trainer = SFTTrainer(model=load_tiny(tiny_model_path), args=config, train_dataset=TRAIN,
-                             processing_class=tokenizer, compat_dataset=COMPAT, callbacks=list(callbacks))
+                             processing_class=tokenizer, aux_losses=_term(2.0, batch_size=3), callbacks=list(callbacks))
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
@@ -213,13 +221,32 @@ def test_compat_records_keep_what_the_old_model_got_right():
     assert default.calls[0][1] == 1 and default.calls[0][2].greedy
 
 
-def test_bad_settings_are_clear_errors(tiny_model_path, tokenizer, tmp_path):
+def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="compat_data"):
-        SFTTrainer(model=load_tiny(tiny_model_path), args=_config(tmp_path, compat_weight=1.0), train_dataset=TRAIN,
-                   processing_class=tokenizer)
+        CompatArguments(compat_weight=1.0).term(None)
     with pytest.raises(ValueError, match=r"compat_mask must be one of \('all', 'token'\)"):
-        _config(tmp_path, compat_mask="tokens")
+        CompatArguments(compat_mask="tokens")
     with pytest.raises(ValueError, match="compat_weight must be >= 0"):
-        _config(tmp_path, compat_weight=-1.0)
+        CompatArguments(compat_weight=-1.0)
+    with pytest.raises(ValueError, match="compat_batch_size must be >= 1"):
+        CompatibilityTerm(COMPAT, batch_size=0)
     with pytest.raises(ValueError, match="response must be one of"):
         compat_records(ScriptedEngine({}), LastNumberVerifier(), [], response="mine")
+
+
+def test_recipe_keys_attach_the_term(tmp_path):
+    """The recipe keys compat_* still work: parsed into CompatArguments (not the method's config) and attached
+    by the recipe layer as an auxiliary loss term, the records read with the recipe's data settings."""
+    from alignkit.recipes import DataArguments, parse_recipe, plugins
+
+    path = tmp_path / "compat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in COMPAT))
+    recipe = parse_recipe(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "sft_tiny.yaml"), ["--compat_weight", "0.5", "--compat_data", str(path),
+                                                    "--compat_mask", "token"])
+    assert not hasattr(recipe.config, "compat_weight")
+    assert recipe.compat_args.compat_weight == 0.5 and recipe.compat_args.compat_mask == "token"
+    attached = plugins(None, DataArguments(), recipe.compat_args, recipe.flip_guard_args)
+    (term,) = attached["aux_losses"]
+    assert isinstance(term, CompatibilityTerm) and term.weight == 0.5 and term.mask == "token"
+    assert attached["callbacks"] == []
+    assert plugins(None, DataArguments(), CompatArguments(), recipe.flip_guard_args) == {"aux_losses": [], "callbacks": []}

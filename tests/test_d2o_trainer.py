@@ -266,7 +266,7 @@ def test_precomputed_reference_and_eval_metrics(tiny_model_path, tokenizer, tmp_
 
 
 def test_recipe_parses_into_d2o_settings():
-    method, config, _, data_args, rollout_args = parse_recipe(
+    method, config, _, data_args, rollout_args, *_ = parse_recipe(
         os.path.join(REPO, "recipes", "d2o_tiny.yaml"), ["--num_samples", "4"])
     assert method == "d2o" and isinstance(config, D2OConfig)
     assert config.num_samples == 4 and config.alpha == config.beta == 0.1

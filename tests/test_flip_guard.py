@@ -1,9 +1,10 @@
 """FlipGuardCallback: the logged NFR / PFR / accuracy equal the hand-computed values; ``stop`` ends training
 at the first evaluation over the budget; ``best`` saves the weights of the best evaluation within the
-budget; the starting model's results are cached and reused on resume; the config switches it on for
-every trainer; the default ``hf`` engine path evaluates the training model greedily."""
+budget; the starting model's results are cached and reused on resume; the recipe keys attach it to
+every trainer (problems read with the recipe's data settings); the default ``hf`` engine path evaluates the training model greedily."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from fakes import LastNumberVerifier
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from alignkit.evaluation.flip_guard import BASELINE_FILE, BEST_DIR, HISTORY_FILE, FlipGuardCallback
+from alignkit.evaluation.flip_guard import BASELINE_FILE, BEST_DIR, HISTORY_FILE, FlipGuardArguments, FlipGuardCallback
 from alignkit.evaluation.flips import flip_metrics
 from alignkit.rollout.base import Completion, SamplingConfig
 from alignkit.rollout.hf import HFEngine
@@ -22,6 +23,7 @@ from alignkit.trainers.sft import sft_records
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBLEMS = make_problems(10, seed=3)
 TRAIN = sft_records(make_problems(24, seed=4))
 
@@ -202,19 +204,27 @@ def test_baseline_is_cached_and_reused_on_resume(tiny_model_path, tokenizer, tmp
     assert guard3.baseline_computed and guard3.baseline == pattern("0000000000")
 
 
-def test_config_adds_the_guard_to_every_trainer_with_the_hf_engine(tiny_model_path, tokenizer, tmp_path):
+def test_recipe_keys_attach_the_guard_with_the_hf_engine(tiny_model_path, tokenizer, tmp_path):
+    """The recipe keys flip_guard_* are parsed into FlipGuardArguments (not the method's config); the recipe
+    layer loads the problems with the recipe's data settings and attaches the callback to any trainer."""
+    from alignkit.recipes import DataArguments, parse_recipe, plugins
+
     problems = make_problems(6, seed=9)
     path = tmp_path / "problems.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    recipe = parse_recipe(os.path.join(REPO, "recipes", "dpo_tiny.yaml"), [
+        "--flip_guard_data", str(path), "--flip_guard_steps", "1", "--flip_guard_max_new_tokens", "12",
+        "--flip_guard_max_items", "4"])
+    assert not hasattr(recipe.config, "flip_guard_data") and recipe.flip_guard_args.flip_guard_steps == 1
+    attached = plugins(tokenizer, DataArguments(chat="false"), recipe.compat_args, recipe.flip_guard_args)
+    assert attached["aux_losses"] == []
     model = load_tiny(tiny_model_path)
     config = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, report_to="none", use_cpu=True,
-                       max_length=128, logging_steps=1, save_strategy="no", disable_tqdm=True, max_steps=1,
-                       flip_guard_data=str(path), flip_guard_steps=1, flip_guard_max_new_tokens=12,
-                       flip_guard_max_items=4)
+                       max_length=128, logging_steps=1, save_strategy="no", disable_tqdm=True, max_steps=1)
     from alignkit.tasks.arithmetic import make_preference_pairs
 
     trainer = DPOTrainer(model=model, args=config, train_dataset=make_preference_pairs(4, seed=1),
-                         processing_class=tokenizer)
+                         processing_class=tokenizer, **attached)
     guards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, FlipGuardCallback)]
     assert len(guards) == 1 and guards[0].trainer is trainer and len(guards[0].problems) == 4
     # the starting model's greedy answers, computed before training, equal a direct generation
@@ -231,14 +241,29 @@ def test_config_adds_the_guard_to_every_trainer_with_the_hf_engine(tiny_model_pa
     assert not any(isinstance(cb, FlipGuardCallback) for cb in plain.callback_handler.callbacks)
 
 
+def test_recipe_layer_reads_synthetic_problems_chat_formatted(tokenizer):
+    """A recipe source (synthetic held-out problems) is read by the recipe layer, with the recipe's chat
+    setting: chat messages for a tokenizer with a chat template, text with chat: false."""
+    from alignkit.recipes import DataArguments, plugins
+
+    guard_args = FlipGuardArguments(flip_guard_data="synthetic:arithmetic_problems", flip_guard_max_items=5)
+    chat = plugins(tokenizer, DataArguments(), None, guard_args)["callbacks"][0]
+    text = plugins(tokenizer, DataArguments(chat="false"), None, guard_args)["callbacks"][0]
+    assert len(chat.problems) == len(text.problems) == 5
+    assert all(isinstance(p["prompt"], list) and p["prompt"][-1]["role"] == "user" for p in chat.problems)
+    assert [p["prompt"][-1]["content"] for p in chat.problems] == [p["prompt"] for p in text.problems]
+    with pytest.raises(ValueError, match="recipe layer"):
+        FlipGuardCallback("synthetic:arithmetic_problems")
+
+
 def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"one of \('log', 'stop', 'best'\).*'keep'"):
         FlipGuardCallback(PROBLEMS, action="keep")
     with pytest.raises(ValueError, match=r"one of \('log', 'stop', 'best'\)"):
-        _config(tmp_path, flip_guard_action="halt")
+        FlipGuardArguments(flip_guard_action="halt")
     with pytest.raises(ValueError, match="max_nfr"):
         FlipGuardCallback(PROBLEMS, action="stop")
     with pytest.raises(ValueError, match="flip_guard_max_nfr"):
-        _config(tmp_path, flip_guard_data="synthetic:arithmetic_problems", flip_guard_action="stop")
+        FlipGuardArguments(flip_guard_data="synthetic:arithmetic_problems", flip_guard_action="stop")
     with pytest.raises(ValueError, match="empty"):
         FlipGuardCallback([])

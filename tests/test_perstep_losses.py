@@ -11,6 +11,8 @@ from alignkit.data.tokenize import tokenize_group
 from alignkit.losses import advantage_weighted_loss
 from alignkit.scoring import score_responses
 
+WEIGHTS = {"token_weights": "token"}  # the per-token field the per-step trainer declares
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -55,7 +57,7 @@ def test_loss_and_gradients_equal_a_direct_recomputation(tiny_model_path, tokeni
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     groups = _groups(tokenizer)
-    batch = GroupCollator(tokenizer.pad_token_id, layout)([{k: v for k, v in g.items() if k != "_prompt"} for g in groups])
+    batch = GroupCollator(tokenizer.pad_token_id, layout, extra_fields=WEIGHTS)([{k: v for k, v in g.items() if k != "_prompt"} for g in groups])
 
     scores = score_responses(model, batch)
     with torch.no_grad():
@@ -102,13 +104,16 @@ def test_token_weights_follow_score_targets_in_both_layouts(tokenizer):
     groups = [{k: v for k, v in g.items() if k != "_prompt"} for g in _groups(tokenizer)]
     expected = [(t, w) for g in groups for r, ws in zip(g["response_ids"], g["token_weights"]) for t, w in zip(r, ws)]
     for layout in ("shared_prompt", "padded"):
-        batch = GroupCollator(tokenizer.pad_token_id, layout)(groups)
+        batch = GroupCollator(tokenizer.pad_token_id, layout, extra_fields=WEIGHTS)(groups)
         got = list(zip(batch["score_targets"].tolist(), batch["token_weights"].tolist()))
         assert [t for t, _ in got] == [t for t, _ in expected]
         assert [w for _, w in got] == pytest.approx([w for _, w in expected])
     bad = [dict(groups[0], token_weights=[w[:-1] for w in groups[0]["token_weights"]])]
     with pytest.raises(ValueError, match="one value per response token"):
-        GroupCollator(tokenizer.pad_token_id)(bad)
+        GroupCollator(tokenizer.pad_token_id, extra_fields=WEIGHTS)(bad)
     # without the field, nothing changes
-    plain = GroupCollator(tokenizer.pad_token_id)([{k: v for k, v in g.items() if k != "token_weights"} for g in groups])
+    plain = GroupCollator(tokenizer.pad_token_id, extra_fields=WEIGHTS)(
+        [{k: v for k, v in g.items() if k != "token_weights"} for g in groups])
     assert "token_weights" not in plain
+    undeclared = GroupCollator(tokenizer.pad_token_id)(groups)  # a field the method did not declare is not collated
+    assert "token_weights" not in undeclared

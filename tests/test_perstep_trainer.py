@@ -207,7 +207,7 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(tiny_model_path, token
         ({"prompt": P1, "response": "a\nb", "values": [0.5, 0.0]}, "values", "expected 3 values"),
         ({"prompt": P1, "response": "a\nb", "values": [0.5, 1.5, 0.0]}, "values[1]", "success rate"),
         ({"prompt": P1, "response": "a\nb", "values": [0.5, 0.5, 0.0], "steps": ["a\n", "c"]}, "steps", "concatenate"),
-        ({"prompt": P1, "response": "  ", "values": [0.5]}, "response", "non-empty"),
+        ({"prompt": P1, "response": "  ", "values": [0.5]}, "response", "empty response"),
         ({"prompt": P1, "values": [0.5]}, "response", "missing"),
         ({"prompt": P1, "response": "a\nb", "values": [0.5, 0.5, 0.0]}, "chosen", "needs a correct solution"),
     ],
@@ -223,16 +223,16 @@ def test_malformed_perstep_record_names_file_row_field(tiny_model_path, tokenize
 def test_recipes_parse():
     from alignkit.recipes import parse_recipe
 
-    method, config, model_args, data_args, rollout = parse_recipe(os.path.join(REPO, "recipes", "perstep_tiny.yaml"))
+    method, config, model_args, data_args, rollout, *_ = parse_recipe(os.path.join(REPO, "recipes", "perstep_tiny.yaml"))
     assert method == "perstep" and isinstance(config, PerStepConfig) and config.mode == "first_pit_dpo"
     assert model_args.model_name_or_path == "outputs/sft_tiny" and data_args.train_data == "synthetic:arithmetic_problems"
-    method, config, model_args, data_args, rollout = parse_recipe(
+    method, config, model_args, data_args, rollout, *_ = parse_recipe(
         os.path.join(REPO, "recipes", "perstep_gsm8k_lora.yaml"),
         ["--mode", "advantage_weighted", "--bf16", "false"])  # bf16 needs a GPU; every other key as written
     assert method == "perstep" and config.mode == "advantage_weighted" and model_args.use_peft
     assert rollout.rollout_backend == "vllm" and rollout.verifier == "math" and config.best_of == 5
     assert model_args.model_name_or_path == "Qwen/Qwen2.5-1.5B-Instruct" and config.reference == "adapter"
-    method, config, model_args, data_args, rollout = parse_recipe(os.path.join(REPO, "recipes", "sft_tiny.yaml"))
+    method, config, model_args, data_args, rollout, *_ = parse_recipe(os.path.join(REPO, "recipes", "sft_tiny.yaml"))
     assert method == "sft" and data_args.train_data == "synthetic:arithmetic_sft" and config.output_dir == "outputs/sft_tiny"
 
 

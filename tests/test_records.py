@@ -358,10 +358,51 @@ def test_negatives_samples(tmp_path):
 
 
 def test_schemas_registry():
-    assert set(SCHEMAS) == {"preference", "negatives", "sft", "problems", "flips"}
+    assert set(SCHEMAS) == {"preference", "negatives", "sft", "problems", "flips", "perstep"}
     assert SCHEMAS["preference"].required == ("prompt", "chosen", "rejected")
     assert SCHEMAS["flips"].one_of == (("old", "new"), ("old_score", "new_score"))
     assert "samples" in SCHEMAS["negatives"].optional
+    assert SCHEMAS["perstep"].required == ("prompt", "response", "values")
+
+
+def test_perstep_records_and_a_method_schema():
+    from alignkit.data.records import Schema, get_schema
+
+    good = {"prompt": "p", "response": "a\nb", "values": [0.5, 0.25, 0.0], "steps": ["a\n", "b"], "chosen": "c"}
+    validate_record(good, "perstep", source="s.jsonl", row=4)
+    for bad, field, message in [
+        ({**good, "values": [0.5, 0.0]}, "values", "expected 3 values"),
+        ({**good, "values": [0.5, 1.5, 0.0]}, "values[1]", "success rate"),
+        ({**good, "steps": ["a\n", "c"]}, "steps", "concatenate"),
+        ({**good, "response": [{"role": "assistant", "content": "a\nb"}]}, "response", "expected text"),
+        ({**good, "chosen": ""}, "chosen", "empty response"),
+    ]:
+        with pytest.raises(RecordError, match=message) as info:
+            validate_record(bad, "perstep", source="s.jsonl", row=4)
+        assert (info.value.source, info.value.row, info.value.field) == ("s.jsonl", 4, field)
+    # a method may declare its own schema over the known fields (TRL's unpaired format)
+    unpaired = Schema("unpaired", required=("prompt", "completion", "label"))
+    assert get_schema(unpaired) is unpaired
+    validate_record({"prompt": "p", "completion": "c", "label": False}, unpaired, source="s", row=1)
+    with pytest.raises(RecordError, match="field 'label': expected true or false"):
+        validate_record({"prompt": "p", "completion": "c", "label": 1}, unpaired, source="s", row=1)
+    with pytest.raises(RecordError, match="field 'completion': empty response"):
+        validate_record({"prompt": "p", "completion": " ", "label": True}, unpaired, source="s", row=1)
+
+
+def test_loading_picks_the_first_kind_the_rows_match(tmp_path):
+    from alignkit.data.loading import load_records_of_kinds
+
+    records, kind = load_records_of_kinds([{"prompt": "p", "answer": 3}], ("perstep", "problems"))
+    assert kind == "problems" and len(records) == 1
+    records, kind = load_records_of_kinds([{"prompt": "p", "response": "r", "values": [0.5, 0.0]}],
+                                          ("perstep", "problems"))
+    assert kind == "perstep"
+    with pytest.raises(RecordError, match="row 2, field 'values'"):  # a perstep file with a bad row: its error
+        load_records_of_kinds([{"prompt": "p", "response": "r", "values": [0.5, 0.0]},
+                               {"prompt": "p", "response": "r", "values": "x"}], ("perstep", "problems"))
+    with pytest.raises(RecordError, match="none of the kinds perstep, problems"):
+        load_records_of_kinds([{"prompt": "p"}], ("perstep", "problems"))
 
 
 def test_text_helpers():

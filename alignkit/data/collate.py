@@ -52,22 +52,24 @@ Every layout describes the tokens to score the same way, so the scorer does not 
 * ``score_response`` [N]: which response (0..R-1, group-major order) the token belongs to,
 * ``response_group`` [R], ``response_lengths`` [R].
 
-Extra per-response float fields present in every example (``ref_logps``, ``is_negative``) are flattened
-to [R]; per-group float fields (``rejected_share``, one number per example) become [B].
-Extra per-token float fields (``token_weights``: one list of floats per response, as long as its
-``response_ids``) are flattened to [N], in ``score_targets`` order, in every layout.
+Extra float fields (``extra_fields``: name -> kind) are collated when every example carries them:
+``response`` fields (one number per response, e.g. the precomputed ``ref_logps``) are flattened to [R],
+``group`` fields (one number per example) become [B], ``token`` fields (one list of numbers per response,
+as long as its ``response_ids``) are flattened to [N], in ``score_targets`` order, in every layout. A
+method declares its own (:attr:`alignkit.trainers.base.AlignTrainer.extra_fields`); ``ref_logps`` is
+always one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 LAYOUTS = ("auto", "padded", "shared_prompt", "prompt_kv")
-PER_RESPONSE_FLOAT_FIELDS = ("ref_logps", "is_negative")
-PER_GROUP_FLOAT_FIELDS = ("rejected_share",)
-PER_TOKEN_FLOAT_FIELDS = ("token_weights",)
+EXTRA_FIELD_KINDS = ("response", "group", "token")
+BASE_EXTRA_FIELDS = {"ref_logps": "response"}  # the precomputed reference log-probs (alignkit.trainers.base)
 # keys that depend on the layout (everything else in a batch is the same in every layout)
 LAYOUT_KEYS = ("input_ids", "position_ids", "attention_mask", "segment_ids", "prompt_input_ids",
                "prompt_attention_mask", "score_index", "layout_auto")
@@ -143,15 +145,21 @@ def relayout(batch: dict, layout: str, pad_token_id: int = 0) -> dict:
 
 @dataclass
 class GroupCollator:
-    """Collate tokenized groups (``prompt_ids``, ``response_ids``) into one of the layouts."""
+    """Collate tokenized groups (``prompt_ids``, ``response_ids``) into one of the layouts, with the float
+    ``extra_fields`` (name -> ``response`` | ``group`` | ``token``; ``ref_logps`` always included)."""
 
     pad_token_id: int
     layout: str = "auto"
     pad_to_multiple_of: int | None = None
+    extra_fields: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; choose one of {LAYOUTS}")
+        self.extra_fields = {**BASE_EXTRA_FIELDS, **dict(self.extra_fields)}
+        for name, kind in self.extra_fields.items():
+            if kind not in EXTRA_FIELD_KINDS:
+                raise ValueError(f"extra field {name!r}: kind {kind!r} is not one of {EXTRA_FIELD_KINDS}")
 
     def _padded_len(self, n: int) -> int:
         m = self.pad_to_multiple_of
@@ -246,16 +254,18 @@ class GroupCollator:
                 "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 "score_index": torch.tensor(score_index, dtype=torch.long)}
 
-    @staticmethod
-    def _extra_fields(examples: list[dict], batch: dict) -> None:
-        for name in PER_RESPONSE_FLOAT_FIELDS:
-            if all(name in ex and ex[name] is not None for ex in examples):
-                batch[name] = torch.tensor([v for ex in examples for v in ex[name]], dtype=torch.float32)
-        for name in PER_GROUP_FLOAT_FIELDS:
-            if all(name in ex and ex[name] is not None for ex in examples):
+    def _extra_fields(self, examples: list[dict], batch: dict) -> None:
+        for name, kind in self.extra_fields.items():
+            if not all(name in ex and ex[name] is not None for ex in examples):
+                continue
+            if kind == "group":
                 batch[name] = torch.tensor([float(ex[name]) for ex in examples], dtype=torch.float32)
-        for name in PER_TOKEN_FLOAT_FIELDS:
-            if all(name in ex and ex[name] is not None for ex in examples):
+            elif kind == "response":
+                for i, ex in enumerate(examples):
+                    if len(ex[name]) != len(ex["response_ids"]):
+                        raise ValueError(f"example {i}: {name} must hold one value per response")
+                batch[name] = torch.tensor([v for ex in examples for v in ex[name]], dtype=torch.float32)
+            else:
                 values = []
                 for ex in examples:
                     if len(ex[name]) != len(ex["response_ids"]) or any(

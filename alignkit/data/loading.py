@@ -403,3 +403,26 @@ def load_records(source, kind: str, *, split: str = "train", name: str | None = 
     if isinstance(dataset, datasets.DatasetDict):
         dataset = _pick_split(dataset, split, source_name)
     return _tagged(_validate_dataset(dataset, kind, source_name), source_name)
+
+
+def load_records_of_kinds(source, kinds, *, split: str = "train", name: str | None = None):
+    """``(records, kind)``: ``source`` loaded as the first of ``kinds`` (names or schemas; one kind or a tuple)
+    whose fields its first row has. A first row without a kind's required fields (or without any of its
+    alternatives) does not match that kind; any other bad row is the :class:`RecordError` of the kind it matched. No kind matching is one error
+    that lists what each kind missed."""
+    kinds = tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
+    missed = []
+    for kind in kinds:
+        try:
+            return load_records(source, kind, split=split, name=name), kind
+        except RecordError as error:
+            schema = get_schema(kind)
+            first_row = error.row in (1, None)
+            shape = first_row and ((error.field in schema.required and "missing" in error.message)
+                                   or (error.field is None and error.message.endswith("found none")))
+            if len(kinds) == 1 or not shape:
+                raise
+            missed.append(f"{schema.name}: " + (f"field {error.field!r} {error.message}" if error.field else error.message))
+    where = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+    raise RecordError(where, 1, None, "the records are none of the kinds " + ", ".join(get_schema(k).name for k in kinds)
+                      + " (" + "; ".join(missed) + ")")

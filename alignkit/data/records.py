@@ -17,6 +17,14 @@ Kinds (:data:`SCHEMAS`):
                 ``new`` (predictions, any JSON value) or ``old_score`` and ``new_score`` (finite numbers:
                 ``NaN``, ``Infinity`` and ``1e999`` are refused)
 
+``perstep``     ``prompt``, ``response`` (text), ``values`` ([Q_0..Q_n]: success rates in [0, 1]); optional
+                ``steps`` (texts that concatenate to ``response``, one fewer than ``values``) and
+                ``chosen`` (a response)
+
+A method may also declare a :class:`Schema` of its own over these fields and TRL's ``completion``
+(a response) and ``label`` (a boolean), e.g. TRL's unpaired format ``prompt``, ``completion``,
+``label``; :func:`get_schema` and the loaders take it in place of a kind's name.
+
 A record may carry any other field (``id``, ``ref_logps``, ...): it is neither checked nor changed.
 A field whose value is ``None`` counts as absent, as in an Arrow table where a row lacks a column.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -67,13 +76,15 @@ class Schema:
     """The fields of one record kind.
 
     ``required`` must all be present; ``optional`` are checked when present; ``one_of`` lists
-    alternatives (each a tuple of fields) of which at least one must be present in full.
+    alternatives (each a tuple of fields) of which at least one must be present in full; ``check``
+    (``check(record, source, row)``) checks what no single field can (fields that must agree).
     """
 
     name: str
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
     one_of: tuple[tuple[str, ...], ...] = ()
+    check: Callable[[dict, str, int | None], None] | None = None
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -239,6 +250,24 @@ def _check_score(value, source: str, row: int, field: str) -> None:
                                               "such scores overflow a float")
 
 
+def _check_values(value, source: str, row: int, field: str) -> None:
+    if not isinstance(value, list) or not value or not all(_is_number(v) for v in value):
+        raise RecordError(source, row, field, "expected a list of numbers [Q_0, ..., Q_n]")
+    for i, v in enumerate(value):
+        if math.isnan(v) or not 0.0 <= v <= 1.0:
+            raise RecordError(source, row, f"{field}[{i}]", f"expected a success rate in [0, 1], got {v}")
+
+
+def _check_steps(value, source: str, row: int, field: str) -> None:
+    if not isinstance(value, list) or not value or not all(isinstance(s, str) for s in value):
+        raise RecordError(source, row, field, "expected a non-empty list of texts")
+
+
+def _check_label(value, source: str, row: int, field: str) -> None:
+    if not isinstance(value, bool):
+        raise RecordError(source, row, field, f"expected true or false, got {_type_name(value)}")
+
+
 def _check_any(value, source: str, row: int, field: str) -> None:
     """Any JSON value (predictions, references)."""
 
@@ -259,7 +288,33 @@ _FIELD_CHECKS = {
     "old_score": _check_score,
     "new_score": _check_score,
     "score": _check_score,
+    "values": _check_values,
+    "steps": _check_steps,
+    "completion": _check_response,
+    "label": _check_label,
 }
+
+
+def _check_perstep(record: dict, source: str, row: int | None) -> None:
+    """A per-step record's fields agree: a text response; given steps concatenate to it, one fewer than values."""
+    if not isinstance(record["response"], str):
+        raise RecordError(source, row, "response", "expected text (per-step records split the text into steps)")
+    steps = record.get("steps")
+    if steps is not None:
+        if "".join(steps) != record["response"]:
+            raise RecordError(source, row, "steps", "the steps do not concatenate to the response")
+        check_step_values(record["values"], len(steps), source=source, row=row)
+
+
+def check_step_values(values: list, num_steps: int, *, source: str, row: int | None) -> None:
+    """``values`` holds Q_0..Q_n for ``num_steps`` = n steps."""
+    if len(values) != num_steps + 1:
+        raise RecordError(source, row, "values", f"expected {num_steps + 1} values (Q_0..Q_n for {num_steps} steps), "
+                                                 f"got {len(values)}")
+
+
+SCHEMAS["perstep"] = Schema("perstep", required=("prompt", "response", "values"), optional=("steps", "chosen"),
+                            check=_check_perstep)
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -271,8 +326,10 @@ def check_field(name: str, value, *, source: str, row: int | None, field: str | 
     _FIELD_CHECKS[name](value, source, row, name if field is None else field)
 
 
-def get_schema(kind: str) -> Schema:
-    """The :class:`Schema` of ``kind``; ``ValueError`` naming the known kinds otherwise."""
+def get_schema(kind: str | Schema) -> Schema:
+    """The :class:`Schema` of ``kind`` (a schema is its own); ``ValueError`` naming the known kinds otherwise."""
+    if isinstance(kind, Schema):
+        return kind
     schema = SCHEMAS.get(kind)
     if schema is None:
         raise ValueError(f"unknown record kind {kind!r}; known kinds: {', '.join(sorted(SCHEMAS))}")
@@ -322,3 +379,5 @@ def validate_record(record: dict, kind: str, *, source: str, row: int | None) ->
         value = record.get(field)
         if value is not None:
             _FIELD_CHECKS[field](value, source, row, field)
+    if schema.check is not None:
+        schema.check(record, source, row)

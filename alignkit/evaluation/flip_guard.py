@@ -33,22 +33,33 @@ verifies and computes the metrics, and broadcasts them, so all processes take th
 stops all of them; nothing hangs). Only the main process writes files. FSDP and ZeRO-3 shard the weights,
 so per-process ``generate`` is not possible there: the callback refuses them with an error.
 
+It is a plug-in: the recipe layer builds it from the recipe keys ``flip_guard_*``
+(:class:`FlipGuardArguments`), with the problems loaded and chat-formatted by the recipe's data settings;
+the Python API passes it to any trainer as ``callbacks=[FlipGuardCallback(...)]``. Generation goes through
+the one rollout setup (:class:`alignkit.rollout.setup.RolloutSetup`: the ``hf`` engine on the training model
+unless an engine or rollout arguments are given); the baseline is cached through :mod:`alignkit.cache`.
+
 Cost: one greedy generation over at most ``max_items`` items (batched) per evaluation and once at start.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
+from alignkit.cache import CacheEntry, cached, is_main_process, json_digest, model_key, on_main_process, read_json, write_json
+from alignkit.data.loading import load_records
 from alignkit.evaluation.flips import flip_metrics
+from alignkit.rollout.arguments import RolloutArguments
+from alignkit.rollout.base import SamplingConfig
+from alignkit.rollout.setup import RolloutSetup
+from alignkit.verifiers import get_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +67,7 @@ FLIP_GUARD_ACTIONS = ("log", "stop", "best")
 BASELINE_FILE = "flip_guard_baseline.json"
 HISTORY_FILE = "flip_guard.json"
 BEST_DIR = "flip_guard_best"
-BASELINE_VERSION = 1
+BASELINE_VERSION = 2
 
 
 def check_action(action: str) -> str:
@@ -65,22 +76,49 @@ def check_action(action: str) -> str:
     return action
 
 
+@dataclass
+class FlipGuardArguments:
+    """The recipe keys of the flip guard (parsed next to the method's config; no ``flip_guard_data`` = off)."""
+
+    flip_guard_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out problems (path or a recipe source such as synthetic:arithmetic_problems, read with "
+                          "the recipe's data and chat settings) for negative-flip checks; None = off."},
+    )
+    flip_guard_steps: int = field(default=100, metadata={"help": "Flip guard: evaluate every N optimizer steps."})
+    flip_guard_max_nfr: float | None = field(default=None, metadata={"help": "Flip guard: NFR budget (share of items)."})
+    flip_guard_action: str = field(default="log", metadata={"help": "Flip guard: log, stop or best."})
+    flip_guard_max_items: int = field(default=256, metadata={"help": "Flip guard: evaluate at most N items."})
+    flip_guard_verifier: str = field(default="math", metadata={"help": "Flip guard: verifier name."})
+    flip_guard_max_new_tokens: int = field(default=256, metadata={"help": "Flip guard: greedy decoding length."})
+    flip_guard_batch_size: int = field(default=64, metadata={"help": "Flip guard: sequences generated together."})
+
+    def __post_init__(self):
+        check_action(self.flip_guard_action)
+        if self.flip_guard_steps < 1:
+            raise ValueError(f"flip_guard_steps must be >= 1, got {self.flip_guard_steps}")
+        if self.flip_guard_max_nfr is not None and not 0.0 <= self.flip_guard_max_nfr <= 1.0:
+            raise ValueError(f"flip_guard_max_nfr is a share of items in [0, 1], got {self.flip_guard_max_nfr}")
+        if self.flip_guard_data and self.flip_guard_action == "stop" and self.flip_guard_max_nfr is None:
+            raise ValueError("flip_guard_action='stop' needs an NFR budget: set flip_guard_max_nfr")
+
+    def callback(self, problems, **kwargs) -> FlipGuardCallback:
+        """The callback for ``problems`` (loaded from ``flip_guard_data``); ``kwargs`` go to the callback."""
+        return FlipGuardCallback(
+            problems, eval_steps=self.flip_guard_steps, max_nfr=self.flip_guard_max_nfr, action=self.flip_guard_action,
+            max_items=self.flip_guard_max_items, verifier=self.flip_guard_verifier,
+            max_new_tokens=self.flip_guard_max_new_tokens, batch_size=self.flip_guard_batch_size, **kwargs,
+        )
+
+
 def load_flip_problems(source, max_items: int | None = None) -> list[dict]:
-    """Problems records (``prompt`` + ``answer`` / ``tests``) from a list, a ``datasets.Dataset``, a path,
-    or a synthetic source (``synthetic:arithmetic_problems``: the held-out split, ``max_items`` of them);
-    at most the first ``max_items``."""
-    if isinstance(source, (str, os.PathLike)):
-        source = str(source)
-        if source.startswith("synthetic:"):
-            from alignkit.recipes import DataArguments, load_data
-
-            data = load_data(source, DataArguments(synthetic_eval_size=max_items or 256), "problems", train=False)
-        else:
-            from alignkit.data.loading import load_records
-
-            data = load_records(source, "problems")
-    else:
-        data = source
+    """Problems records (``prompt`` + ``answer`` / ``tests``) from a list, a ``datasets.Dataset`` or a
+    JSONL / Parquet path (validated); at most the first ``max_items``. Recipe sources (``synthetic:...``,
+    ``gsm8k:...``) are read by the recipe layer (:func:`alignkit.recipes.load_data`)."""
+    if isinstance(source, (str, os.PathLike)) and not Path(source).exists():
+        raise ValueError(f"flip guard problems {str(source)!r}: no such file (a recipe source such as "
+                         "synthetic:arithmetic_problems is read by the recipe layer: alignkit.recipes.load_data)")
+    data = load_records(source, "problems") if isinstance(source, (str, os.PathLike)) else source
     problems = data.to_list() if hasattr(data, "to_list") else [dict(p) for p in data]
     if not problems:
         raise ValueError("the flip guard's problem set is empty")
@@ -88,12 +126,6 @@ def load_flip_problems(source, max_items: int | None = None) -> list[dict]:
         if "prompt" not in p:
             raise ValueError(f"flip guard problem {i} has no 'prompt'")
     return problems[:max_items] if max_items else problems
-
-
-def _problems_hash(problems: Sequence[dict]) -> str:
-    text = json.dumps([[p.get("prompt"), p.get("answer"), p.get("tests")] for p in problems], sort_keys=True,
-                      ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _check_replicated_weights() -> None:
@@ -124,7 +156,10 @@ class FlipGuardCallback(TrainerCallback):
         max_new_tokens: greedy decoding length.
         batch_size: sequences generated together by the default ``hf`` engine.
         engine: a rollout engine (synced to the model before each evaluation) or a factory
-            ``engine(model, tokenizer)``; default: the ``hf`` engine on the unwrapped training model.
+            ``engine(model, tokenizer)``; default: the engine ``rollout_args`` describe, the ``hf`` engine on
+            the unwrapped training model unless given.
+        rollout_args: :class:`~alignkit.rollout.arguments.RolloutArguments` of the engine to build (only the
+            backend and engine options are used: decoding is greedy, ``max_new_tokens`` long).
         tokenizer: default: the trainer's ``processing_class``.
         output_dir: where the baseline cache, history and best model go; default the run's ``output_dir``.
         verifier_num_workers: processes for verification (default: the verifier's own).
@@ -132,7 +167,8 @@ class FlipGuardCallback(TrainerCallback):
 
     def __init__(self, problems, *, eval_steps: int = 100, max_nfr: float | None = None, action: str = "log",
                  max_items: int | None = 256, verifier="math", max_new_tokens: int = 256, batch_size: int = 64,
-                 engine=None, tokenizer=None, output_dir: str | None = None, verifier_num_workers: int | None = None):
+                 engine=None, rollout_args: RolloutArguments | None = None, tokenizer=None, output_dir: str | None = None,
+                 verifier_num_workers: int | None = None):
         check_action(action)
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
@@ -148,6 +184,8 @@ class FlipGuardCallback(TrainerCallback):
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
         self.engine = engine
+        self.rollout_args = rollout_args
+        self._rollout: RolloutSetup | None = None
         self.tokenizer = tokenizer
         self.output_dir = output_dir
         self.verifier_num_workers = verifier_num_workers
@@ -177,42 +215,36 @@ class FlipGuardCallback(TrainerCallback):
 
     def _verifier(self):
         if isinstance(self.verifier, str):
-            from alignkit.verifiers import get_verifier
-
             self.verifier = get_verifier(self.verifier)
         return self.verifier
 
-    def _engine(self, model, tokenizer):
-        from accelerate.utils import extract_model_from_parallel
-
-        inner = extract_model_from_parallel(model)
-        if self.engine is None:
-            from alignkit.rollout.hf import HFEngine
-
+    def _setup(self, tokenizer) -> RolloutSetup:
+        if self._rollout is None:
             if tokenizer is None:
                 raise ValueError("the flip guard needs a tokenizer (pass tokenizer= or train with processing_class)")
-            self.engine = HFEngine(inner, tokenizer, batch_size=self.batch_size, progress=False)
-        elif not hasattr(self.engine, "generate"):  # a factory
-            self.engine = self.engine(inner, tokenizer)
-        else:
-            self.engine.sync_weights(inner)
-        return self.engine
+            args = self.rollout_args or RolloutArguments(rollout_backend="hf", rollout_batch_size=self.batch_size)
+            options = {"progress": False} if args.rollout_backend == "hf" else {}
+            self._rollout = RolloutSetup(args, tokenizer, engine=self.engine, engine_options=options)
+        return self._rollout
 
-    def _key(self) -> dict:
+    def _sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0, logprobs=False)
+
+    def _key(self, model) -> dict:
         verifier = self.verifier if isinstance(self.verifier, str) else getattr(self.verifier, "name", type(self.verifier).__name__)
-        return {"version": BASELINE_VERSION, "problems": _problems_hash(self.problems), "items": len(self.problems),
-                "max_new_tokens": self.max_new_tokens, "verifier": verifier}
+        problems = json_digest([[p.get("prompt"), p.get("answer"), p.get("tests")] for p in self.problems])
+        return {"kind": "flip_guard_baseline", "version": BASELINE_VERSION, "problems": problems,
+                "items": len(self.problems), "max_new_tokens": self.max_new_tokens, "verifier": verifier,
+                "starting_model": model_key(model, exclude=())}
 
     # ----------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, model, tokenizer=None) -> list[bool]:
         """Per-item correctness of ``model``'s greedy answers (every process gets the same list)."""
-        from alignkit.reference_samples import on_main_process, sample_texts
-        from alignkit.rollout.base import SamplingConfig
-
-        engine = self._engine(model, tokenizer if tokenizer is not None else self.tokenizer)
-        sampling = SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0, logprobs=False)
-        texts = [group[0] for group in sample_texts(engine, [p["prompt"] for p in self.problems], 1, sampling)]
+        setup = self._setup(tokenizer if tokenizer is not None else self.tokenizer)
+        inner = extract_model_from_parallel(model)
+        groups = setup.sample_texts(inner, [p["prompt"] for p in self.problems], 1, self._sampling())
+        texts = [group[0] for group in groups]
         self._texts = texts
         return on_main_process(lambda: [
             bool(v.correct) for v in self._verifier().verify_batch(self.problems, texts, num_workers=self.verifier_num_workers)
@@ -220,9 +252,7 @@ class FlipGuardCallback(TrainerCallback):
 
     def _answers_changed(self, texts) -> list[bool] | None:
         """Per item, whether the answer in ``texts`` differs from the starting model's, as the verifier
-        reads answers; ``None`` when the starting model's texts are unknown (a cache from before they were kept)."""
-        from alignkit.reference_samples import on_main_process
-
+        reads answers; ``None`` when the starting model's texts are unknown."""
         baseline = getattr(self, "baseline_texts", None)
         if not baseline or texts is None or len(baseline) != len(texts):
             return None
@@ -234,48 +264,35 @@ class FlipGuardCallback(TrainerCallback):
     # ----------------------------------------------------------------------------------- callbacks
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
-        from accelerate import PartialState
-
-        from alignkit.reference_samples import on_main_process, weights_digest
-
         _check_replicated_weights()
         if self.tokenizer is None:
             self.tokenizer = processing_class
         out = self._dir(args)
-        key = self._key()
         resumed = state.global_step > 0
-        digest = weights_digest(model)
+        entry = CacheEntry(out / BASELINE_FILE, self._key(extract_model_from_parallel(model)))
 
-        def read_cache():
-            path = out / BASELINE_FILE
-            if not path.exists():
-                return None
-            cached = json.loads(path.read_text())
-            if cached.get("key") != key:
-                logger.warning("flip guard: %s was made for other problems or settings; evaluating again", path)
-                return None
-            if not resumed and cached.get("weights") != digest:
-                logger.warning("flip guard: %s was made for another starting model; evaluating again", path)
-                return None
-            return cached["correct"], cached.get("texts")
-
-        cached = on_main_process(read_cache)
-        if cached is not None:
-            self.baseline = [bool(c) for c in cached[0]]
-            self.baseline_texts = cached[1]
-            self.baseline_computed = False
-        else:
+        def same(stored: dict, key: dict) -> bool:
+            """A resumed run's weights are not the starting model's: everything but the weights must match."""
             if resumed:
-                logger.warning("flip guard: resuming at step %d without a cached baseline; the resumed weights "
-                               "stand in for the starting model", state.global_step)
-            self.baseline = self.evaluate(model)
-            self.baseline_texts = getattr(self, "_texts", None)
-            self.baseline_computed = True
-            if PartialState().is_main_process:
-                out.mkdir(parents=True, exist_ok=True)
-                payload = {"key": key, "weights": digest, "step": state.global_step, "correct": self.baseline,
-                           "texts": getattr(self, "_texts", None)}
-                _write_json(out / BASELINE_FILE, payload)
+                return {k: v for k, v in stored.items() if k != "starting_model"} == \
+                    {k: v for k, v in key.items() if k != "starting_model"}
+            return stored == key
+
+        if resumed and not on_main_process(lambda: entry.matches(same)):
+            logger.warning("flip guard: resuming at step %d without a cached baseline; the resumed weights "
+                           "stand in for the starting model", state.global_step)
+        computed = []
+
+        def compute():
+            computed.append(True)
+            correct = self.evaluate(model)
+            return {"step": state.global_step, "correct": correct, "texts": getattr(self, "_texts", None)}
+
+        baseline = cached(entry, compute, read=read_json, write=write_json, collective=True, same=same,
+                          what="flip guard baseline")
+        self.baseline = [bool(c) for c in baseline["correct"]]
+        self.baseline_texts = baseline.get("texts")
+        self.baseline_computed = bool(computed)
         self.history, self.best, self.stopped_at = [], None, None
         if resumed:
             self._restore_history(out, state.global_step)
@@ -284,17 +301,15 @@ class FlipGuardCallback(TrainerCallback):
         return control
 
     def _restore_history(self, out: Path, step: int) -> None:
-        from accelerate import PartialState
-
         path = out / HISTORY_FILE
         if not path.exists():
             return
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         self.history = [h for h in saved.get("history", []) if h["step"] <= step]
         best = saved.get("best")
         if best is not None and best["step"] <= step:
             self.best = best
-        elif best is not None and PartialState().is_main_process:
+        elif best is not None and is_main_process():
             shutil.rmtree(out / BEST_DIR, ignore_errors=True)  # saved after the checkpoint: redone by the resumed run
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -319,8 +334,6 @@ class FlipGuardCallback(TrainerCallback):
         return control
 
     def _evaluate_now(self, args, state, control, model, processing_class) -> None:
-        from accelerate import PartialState
-
         new = self.evaluate(model, processing_class)
         m = flip_metrics(self.baseline, new, changed=self._answers_changed(getattr(self, "_texts", None)))
         within = self.max_nfr is None or m.nfr <= self.max_nfr
@@ -333,11 +346,11 @@ class FlipGuardCallback(TrainerCallback):
                          "flips/accuracy_old": m.accuracy_old, "flips/negative_flips": float(m.negative_flips)}
         if m.nfr_mc is not None:
             self._pending["flips/nfr_mc"] = m.nfr_mc
-        if PartialState().is_main_process:
+        if is_main_process():
             logger.info("flip guard step %d: accuracy %.3f (old %.3f), NFR %.3f, PFR %.3f", state.global_step,
                         m.accuracy_new, m.accuracy_old, m.nfr, m.pfr)
         if self.action == "stop" and not within:
-            if PartialState().is_main_process:
+            if is_main_process():
                 logger.warning("flip guard: NFR %.4f exceeds the budget %.4f at step %d; stopping training",
                                m.nfr, self.max_nfr, state.global_step)
             self.stopped_at = state.global_step
@@ -347,39 +360,29 @@ class FlipGuardCallback(TrainerCallback):
             if better:
                 self.best = {"step": state.global_step, "accuracy": m.accuracy_new, "nfr": m.nfr, "pfr": m.pfr,
                              "path": str(self._dir(args) / BEST_DIR)}
-                if PartialState().is_main_process:
+                if is_main_process():
                     self._save_best(model, self._dir(args) / BEST_DIR, processing_class)
         self._write_history(args)
 
     def _save_best(self, model, path: Path, processing_class) -> None:
-        from accelerate.utils import extract_model_from_parallel
-
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         extract_model_from_parallel(model).save_pretrained(tmp)
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
-        _write_json(tmp / "flip_guard_best.json", self.best)
+        write_json(self.best, tmp / "flip_guard_best.json")
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
 
     def _write_history(self, args) -> None:
-        from accelerate import PartialState
-
-        if not PartialState().is_main_process:
+        if not is_main_process():
             return
         out = self._dir(args)
         out.mkdir(parents=True, exist_ok=True)
         accuracy_old = sum(self.baseline) / len(self.baseline) if self.baseline else 0.0
-        _write_json(out / HISTORY_FILE, {
+        write_json({
             "action": self.action, "max_nfr": self.max_nfr, "items": len(self.problems),
             "accuracy_old": accuracy_old, "eval_steps": self.eval_steps, "history": self.history,
             "best": self.best, "stopped_at": self.stopped_at,
-        })
-
-
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+        }, out / HISTORY_FILE)

@@ -66,23 +66,20 @@ class SuiteError(ValueError):
 
 
 @dataclass
-class GenerationSettings:
-    """How each item is answered: ``n`` samples (1 greedy sample by default)."""
+class GenerationSettings(SamplingConfig):
+    """How each item is answered: the sampling settings (a :class:`SamplingConfig`, the one sampling type,
+    with its range checks; greedy, seed 0 and no log-probs by default), ``n`` samples per item (1) and the
+    ``hf`` engine's ``batch_size``."""
 
-    n: int = 1
     temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
     seed: int | None = 0
+    logprobs: bool = False
+    n: int = 1
     batch_size: int = 32
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
-            stop=list(self.stop), seed=self.seed, logprobs=False,
-        )
+        """The plain :class:`SamplingConfig` part (without ``n`` and ``batch_size``)."""
+        return SamplingConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingConfig)})
 
 
 @dataclass
@@ -114,7 +111,7 @@ class EvalSuite:
 # ------------------------------------------------------------------------------------ loading
 
 _SUITE_KEYS = tuple(f.name for f in dataclasses.fields(EvalSuite) if f.name != "path")
-_GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GenerationSettings))
+_GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GenerationSettings) if f.name != "logprobs")
 
 _TYPES: dict[str, tuple] = {
     "name": (str,), "data": (str,), "description": (str,), "split": (str,), "dataset_config": (str, type(None)),
@@ -173,7 +170,6 @@ def suite_from_dict(raw: dict, source: str = "<suite>", *, base: Path | None = N
     values["data"] = _resolve_data(values["data"], base)
     try:
         suite = EvalSuite(**values, generation=GenerationSettings(**generation), path=None if source == "<suite>" else source)
-        suite.generation.sampling()  # range checks (temperature, top_p, max_new_tokens)
         chat_mode(suite.chat)
     except ValueError as e:
         raise SuiteError(source, None, str(e)) from None

@@ -1,15 +1,26 @@
 """The shared trainer core: ``AlignConfig`` and ``AlignTrainer`` on ``transformers.Trainer``.
 
-A method is a thin subclass that says
+A method is a thin subclass that declares
 
-* which record kind it reads (``record_kind``) and which responses a record contributes to its group
-  (``group_responses``),
-* how a batch becomes a loss and the terms to log (``compute_batch_loss``),
-* whether it needs a reference policy (``uses_reference``).
+* its record kind (``record_kind``: a kind of :mod:`alignkit.data.records`, a
+  :class:`~alignkit.data.records.Schema` of its own, or a tuple of them when it reads several: the first one
+  a dataset's rows match is used) and how a record becomes a response group (``group_responses``: the
+  responses in the order the loss expects; ``group_fields``: any per-response / per-group numbers);
+* its collator extras (``extra_fields``: the float fields its batches carry, name -> ``response`` /
+  ``group`` / ``token``; ``make_collator`` to wrap the group collator);
+* its loss (``compute_batch_loss``: the loss and the terms to log);
+* whether it needs a reference policy (``uses_reference``, or ``needs_reference(args)``).
 
-Everything else is shared: loading and validating records, tokenizing them into response groups,
-collating into the padded or shared-prompt layout, scoring, the reference policy, per-term metric
-logging, checkpoints and resume (from ``transformers.Trainer``), and ``accelerate`` for DDP / FSDP /
+Datasets: ONE hook, :meth:`AlignTrainer.build_split`, builds every split: the train set, each eval set
+(a dict of eval sets is handled here once) and records passed to ``evaluate()`` (``get_eval_dataloader``
+is overridden here only). It runs at the end of ``__init__``, after the trainer is set up: the reference
+policy, the accelerator and the plug-ins exist. The default loads and validates the records, tokenizes each
+into a response group and, with ``reference='precomputed'``, adds the reference log-probs (cached,
+:mod:`alignkit.cache`); a method that needs more (samples first, a retain set, records built from
+problems) overrides it and calls ``super()``. No method swaps datasets or collators afterwards.
+
+Everything else is shared: collating into the scoring layouts, scoring, the reference policy, per-term
+metric logging, checkpoints and resume (from ``transformers.Trainer``), and ``accelerate`` for DDP / FSDP /
 DeepSpeed.
 
 Reference policy (``AlignConfig.reference``):
@@ -20,14 +31,14 @@ Reference policy (``AlignConfig.reference``):
 ``none``         reference-free methods;
 ``auto``         ``adapter`` for a PEFT model, ``model`` otherwise.
 
-Two options every method gets (both off by default; off, nothing changes and no model copy is made):
+Plug-ins (the base knows none of them by name; the recipe layer attaches them from their config keys):
 
-* the MUSCLE-style compatibility term (``compat_weight`` λ > 0, ``compat_data``): λ · mean over the
-  response tokens of a compatibility mini-batch of KL(π_old ‖ πθ), π_old the starting model, added to
-  the method's loss and logged as ``loss/compat`` (:mod:`alignkit.compatibility`);
-* the flip guard (``flip_guard_data``): negative flips against the starting model measured every
-  ``flip_guard_steps`` steps on held-out problems, logged as ``flips/*``, optionally stopping training or
-  keeping the best model within an NFR budget (:mod:`alignkit.evaluation.flip_guard`).
+* auxiliary loss terms (``aux_losses=[...]``, :class:`AuxiliaryLoss`): added to the training loss with
+  their weight and logged as ``loss/<name>``; e.g. the MUSCLE-style compatibility term
+  (:class:`alignkit.compatibility.CompatibilityTerm`);
+* callbacks: one with ``bind(trainer)`` is bound to the trainer, one with ``pop_logs()`` has its pending
+  metrics merged into the log of the step they were measured at; e.g. the flip guard
+  (:class:`alignkit.evaluation.flip_guard.FlipGuardCallback`).
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ import copy
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader
@@ -45,7 +58,8 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from alignkit.cache import CacheEntry, cached, json_digest, model_key, read_torch, write_torch
 from alignkit.data.collate import LAYOUTS, GroupCollator
-from alignkit.data.loading import load_records
+from alignkit.data.loading import load_records_of_kinds
+from alignkit.data.records import Schema
 from alignkit.data.tokenize import tokenize_group
 from alignkit.scoring import ResponseScores, score_responses
 from alignkit.trainers.checkpointing import CheckpointingMixin
@@ -73,35 +87,6 @@ class AlignConfig(TrainingArguments):
         default=None, metadata={"help": "Where precomputed reference log-probs are cached (default OUTPUT_DIR/ref_logps)."}
     )
     dataset_num_proc: int | None = None
-    # MUSCLE-style compatibility term (alignkit.compatibility)
-    compat_weight: float = field(
-        default=0.0, metadata={"help": "λ of the compatibility term λ·KL(π_old ‖ πθ) on compat_data tokens; 0 = off."}
-    )
-    compat_data: str | None = field(
-        default=None,
-        metadata={"help": "SFT records (prompt, response) the old model got right: JSONL/Parquet path or dataset "
-                          "source (or pass compat_dataset= to the trainer)."},
-    )
-    compat_batch_size: int | None = field(
-        default=None, metadata={"help": "Compat records per micro-batch and process (default per_device_train_batch_size)."}
-    )
-    compat_mask: str = field(
-        default="all",
-        metadata={"help": "all: every response token of a compat record; token: only tokens the old model predicts "
-                          "greedily."},
-    )
-    # flip guard (alignkit.evaluation.flip_guard)
-    flip_guard_data: str | None = field(
-        default=None,
-        metadata={"help": "Held-out problems (path or synthetic:arithmetic_problems) for negative-flip checks; None = off."},
-    )
-    flip_guard_steps: int = field(default=100, metadata={"help": "Flip guard: evaluate every N optimizer steps."})
-    flip_guard_max_nfr: float | None = field(default=None, metadata={"help": "Flip guard: NFR budget (share of items)."})
-    flip_guard_action: str = field(default="log", metadata={"help": "Flip guard: log, stop or best."})
-    flip_guard_max_items: int = field(default=256, metadata={"help": "Flip guard: evaluate at most N items."})
-    flip_guard_verifier: str = field(default="math", metadata={"help": "Flip guard: verifier name."})
-    flip_guard_max_new_tokens: int = field(default=256, metadata={"help": "Flip guard: greedy decoding length."})
-    flip_guard_batch_size: int = field(default=64, metadata={"help": "Flip guard: sequences generated together."})
     # Trainer defaults that differ for alignment
     remove_unused_columns: bool = False
     logging_steps: float = 10
@@ -112,25 +97,24 @@ class AlignConfig(TrainingArguments):
             raise ValueError(f"score_layout must be one of {LAYOUTS}, got {self.score_layout!r}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
-        from alignkit.compatibility import COMPAT_MASKS
-        from alignkit.evaluation.flip_guard import check_action
-
-        if not self.compat_weight >= 0:
-            raise ValueError(f"compat_weight must be >= 0, got {self.compat_weight}")
-        if self.compat_mask not in COMPAT_MASKS:
-            raise ValueError(f"compat_mask must be one of {COMPAT_MASKS}, got {self.compat_mask!r}")
-        if self.compat_batch_size is not None and self.compat_batch_size < 1:
-            raise ValueError(f"compat_batch_size must be >= 1, got {self.compat_batch_size}")
-        check_action(self.flip_guard_action)
-        if self.flip_guard_steps < 1:
-            raise ValueError(f"flip_guard_steps must be >= 1, got {self.flip_guard_steps}")
-        if self.flip_guard_max_nfr is not None and not 0.0 <= self.flip_guard_max_nfr <= 1.0:
-            raise ValueError(f"flip_guard_max_nfr is a share of items in [0, 1], got {self.flip_guard_max_nfr}")
-        if self.flip_guard_data and self.flip_guard_action == "stop" and self.flip_guard_max_nfr is None:
-            raise ValueError("flip_guard_action='stop' needs an NFR budget: set flip_guard_max_nfr")
 
 
-def _is_peft_model(model) -> bool:
+@runtime_checkable
+class AuxiliaryLoss(Protocol):
+    """A term added to every training micro-batch's loss: ``loss + weight · term(trainer, model)``, logged as
+    ``loss/<name>``. ``setup(trainer)`` runs once, after the trainer's reference policy and accelerator exist
+    and before the datasets are built (the starting model is still the model being trained)."""
+
+    name: str
+    weight: float
+
+    def setup(self, trainer: AlignTrainer) -> None: ...
+
+    def __call__(self, trainer: AlignTrainer, model) -> torch.Tensor: ...
+
+
+def is_peft_model(model) -> bool:
+    """Whether ``model`` is a peft (LoRA) model."""
     try:
         from peft import PeftModel
     except ImportError:
@@ -139,11 +123,11 @@ def _is_peft_model(model) -> bool:
 
 
 class AlignTrainer(CheckpointingMixin, Trainer):
-    """Base class of the alignkit trainers. Subclasses set ``record_kind`` and implement
-    ``group_responses`` and ``compute_batch_loss``."""
+    """Base class of the alignkit trainers; see the module docstring for what a method declares."""
 
-    record_kind: str = "preference"
+    record_kind: str | Schema | tuple = "preference"
     uses_reference: bool = True
+    extra_fields: Mapping[str, str] = {}
 
     def __init__(
         self,
@@ -155,9 +139,9 @@ class AlignTrainer(CheckpointingMixin, Trainer):
         ref_model: PreTrainedModel | None = None,
         peft_config=None,
         callbacks=None,
+        aux_losses=None,
         **kwargs,
     ):
-        compat_dataset = kwargs.pop("compat_dataset", None)
         if isinstance(model, str):
             from alignkit.modeling import ModelArguments, load_model_and_tokenizer
 
@@ -174,27 +158,22 @@ class AlignTrainer(CheckpointingMixin, Trainer):
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input with LoRA
             model = get_peft_model(model, peft_config)
 
-        # a method without a reference term (uses_reference False) gets none: no frozen copy, no pass
-        if self.uses_reference:
+        # a method without a reference term gets none: no frozen copy, no pass
+        if self.needs_reference(args):
             self.reference_mode = self._resolve_reference(args.reference, model, ref_model)
         else:
             self.reference_mode = "none"
         if self.reference_mode in ("model", "precomputed") and ref_model is None:
             # a frozen copy of the starting weights; for "precomputed" it is dropped after the pass
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if self.reference_mode == "adapter":
+        if self.reference_mode in ("adapter", "none"):
             ref_model = None
-        compat_model = self._resolve_compat_old_model(args, model, ref_model, compat_dataset)
 
         self.tokenizer = processing_class
-        with args.main_process_first(desc="tokenizing"):
-            train_dataset = self.prepare_dataset(train_dataset, args, "train") if train_dataset is not None else None
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self.prepare_dataset(v, args, f"eval/{k}") for k, v in eval_dataset.items()}
-            elif eval_dataset is not None:
-                eval_dataset = self.prepare_dataset(eval_dataset, args, "eval")
-        collator = kwargs.pop("data_collator", None) or GroupCollator(processing_class.pad_token_id, args.score_layout)
-
+        self.group_collator = GroupCollator(processing_class.pad_token_id, args.score_layout,
+                                            extra_fields=dict(self.extra_fields))
+        collator = kwargs.pop("data_collator", None) or self.make_collator(self.group_collator)
+        # the raw data goes to Trainer only for its argument checks; build_split replaces it below
         super().__init__(
             model=model,
             args=args,
@@ -207,41 +186,97 @@ class AlignTrainer(CheckpointingMixin, Trainer):
         )
         # compute_batch_loss returns a mean over the micro-batch: let Trainer scale by accumulation steps
         self.model_accepts_loss_kwargs = False
-        self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None else None
+        self.ref_model = self.prepare_frozen_model(ref_model) if ref_model is not None else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._setup_compat(args, compat_model, compat_dataset, shares_reference=compat_model is not None and compat_model is ref_model)
-        self._setup_flip_guard(args)
+        for callback in self.callback_handler.callbacks:
+            self._bind(callback)
+        self.aux_losses = list(aux_losses or [])
+        for term in self.aux_losses:
+            term.setup(self)
+        # every split, once, now that the reference policy, the accelerator and the plug-ins exist
+        self._built: list = []
+        self.train_dataset = self._build(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            self.eval_dataset = {k: self._build(v, f"eval-{k}") for k, v in eval_dataset.items()}
+        else:
+            self.eval_dataset = self._build(eval_dataset, "eval")
+        if self.reference_mode == "precomputed":
+            self.ref_model = None  # the values are in the datasets; free the copy
 
-    # ----------------------------------------------------------------------------------------- data
+    # ----------------------------------------------------------------------------------------- method
+
+    def needs_reference(self, args: AlignConfig) -> bool:
+        """Whether this method, with these settings, compares with a reference policy."""
+        return self.uses_reference
 
     def group_responses(self, record: dict) -> list:
         """The responses a record contributes to its group, in the order the loss expects."""
         raise NotImplementedError
 
-    def prepare_dataset(self, dataset, args: AlignConfig, name: str):
-        """Validate the records and tokenize each into a response group."""
-        if hasattr(dataset, "column_names") and "prompt_ids" in dataset.column_names:
-            return dataset  # already tokenized
-        source = dataset if isinstance(dataset, str) else f"<{name} dataset>"
-        dataset = load_records(dataset, self.record_kind)
-        keep = [c for c in ("ref_logps",) if c in dataset.column_names]
+    def group_fields(self, record: dict) -> dict:
+        """Extra fields of a record's group (numbers the loss reads; see ``extra_fields``)."""
+        return {}
+
+    def make_collator(self, group_collator: GroupCollator):
+        """The training collator, from the group collator (a method wraps it to add batch fields)."""
+        return group_collator
+
+    def compute_batch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (scalar loss, {metric name: scalar tensor}). Implemented by each method."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- data
+
+    def build_split(self, data, name: str):
+        """The one hook that builds a split from what the caller passed (records, a path, a dataset):
+        validated records tokenized into response groups, plus ``ref_logps`` with a precomputed reference."""
+        return self.with_reference_logps(self.tokenize_records(data, name), name)
+
+    def _build(self, data, name: str):
+        if data is None:
+            return None
+        split = self.build_split(data, name)
+        self._built.append(split)
+        return split
+
+    def _is_built(self, dataset) -> bool:
+        return any(dataset is split for split in self._built)
+
+    def load_split(self, data, name: str):
+        """``(records, kind)``: ``data`` loaded and validated as the first of the method's record kinds its rows
+        match (:func:`alignkit.data.loading.load_records_of_kinds`)."""
+        return load_records_of_kinds(data, self.record_kind)
+
+    def tokenize_records(self, data, name: str):
+        """Records -> response groups (``prompt_ids``, ``response_ids`` and the method's ``group_fields``)."""
+        if hasattr(data, "column_names") and "prompt_ids" in data.column_names:
+            return data  # already tokenized
+        source = str(data) if isinstance(data, (str, os.PathLike)) else f"<{name} dataset>"
+        records, _ = self.load_split(data, name)
+        keep = [c for c in ("ref_logps",) if c in records.column_names]
+        tokenizer, args = self.tokenizer, self.args
 
         def tokenize(record, index):
-            return tokenize_group(
-                self.tokenizer,
-                record["prompt"],
-                self.group_responses(record),
-                max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length,
-                source=str(source),
-                row=index + 1,
-            )
+            group = tokenize_group(tokenizer, record["prompt"], self.group_responses(record), max_length=args.max_length,
+                                   max_prompt_length=args.max_prompt_length, source=source, row=index + 1)
+            return {**group, **self.group_fields(record)}
 
-        remove = [c for c in dataset.column_names if c not in keep]
-        return dataset.map(
-            tokenize, with_indices=True, remove_columns=remove, num_proc=args.dataset_num_proc,
-            desc=f"Tokenizing {name}",
-        )
+        remove = [c for c in records.column_names if c not in keep]
+        # a fingerprint of our own: datasets would otherwise hash the closure, and with it this trainer
+        fingerprint = json_digest([records._fingerprint, type(self).__name__, name, args.max_length,
+                                   args.max_prompt_length, getattr(tokenizer, "name_or_path", "")])
+        with args.main_process_first(desc=f"tokenizing {name}"):
+            return records.map(tokenize, with_indices=True, remove_columns=remove, num_proc=args.dataset_num_proc,
+                               desc=f"Tokenizing {name}", new_fingerprint=fingerprint)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Records passed to ``evaluate()`` are built like the eval sets given at construction."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str) and not self._is_built(eval_dataset):
+            if self.reference_mode == "precomputed" and self.ref_model is None:
+                raise ValueError("reference='precomputed' freed the reference after precomputing the datasets it was "
+                                 "given; pass this eval set to the trainer as eval_dataset (or use reference='model')")
+            eval_dataset = self._build(eval_dataset, "eval")
+        return super().get_eval_dataloader(eval_dataset)
 
     # ------------------------------------------------------------------------------------ reference
 
@@ -250,12 +285,13 @@ class AlignTrainer(CheckpointingMixin, Trainer):
         if mode == "auto":
             if ref_model is not None:
                 return "model"
-            return "adapter" if _is_peft_model(model) else "model"
-        if mode == "adapter" and not _is_peft_model(model):
+            return "adapter" if is_peft_model(model) else "model"
+        if mode == "adapter" and not is_peft_model(model):
             raise ValueError("reference='adapter' needs a PEFT (LoRA) model; pass peft_config or use_peft")
         return mode
 
-    def _prepare_ref_model(self, ref_model):
+    def prepare_frozen_model(self, ref_model):
+        """A frozen model (the reference, or a plug-in's copy of the starting model) placed like the policy."""
         if self.is_deepspeed_enabled:
             return _prepare_deepspeed_reference(ref_model, self.accelerator)
         if self.is_fsdp_enabled:
@@ -284,6 +320,12 @@ class AlignTrainer(CheckpointingMixin, Trainer):
                     return score_responses(model, batch, **score_kwargs)
             return score_responses(self.ref_model, batch, **score_kwargs)
 
+    def with_reference_logps(self, dataset, name: str):
+        """``dataset`` with a ``ref_logps`` column when the reference is precomputed (else as it is)."""
+        if self.reference_mode != "precomputed" or self.ref_model is None:
+            return dataset
+        return self.precompute_reference_logps(dataset, name)
+
     def reference_cache_key(self, dataset) -> dict:
         """What the precomputed reference log-probs of ``dataset`` depend on: the reference model (name and
         the digest of every weight, adapter included) and the tokens scored."""
@@ -309,7 +351,7 @@ class AlignTrainer(CheckpointingMixin, Trainer):
 
     def _compute_reference_logps(self, dataset, name: str) -> list[list[float]]:
         indexed = dataset.add_column("_index", list(range(len(dataset))))
-        collate = self.reference_collator()
+        collate = self.group_collator
 
         def collate_with_index(examples):
             batch = collate(examples)
@@ -334,39 +376,7 @@ class AlignTrainer(CheckpointingMixin, Trainer):
                 values[i] = [v for v in row if v == v]  # drop NaN padding
         return [values[i] for i in range(len(dataset))]
 
-    def reference_collator(self):
-        """The collator of the reference pass over one tokenized group dataset (the training collator
-        unless a method batches several datasets together)."""
-        return self.data_collator
-
-    def _ensure_reference_logps(self):
-        """Before the first dataloader: add ``ref_logps`` to the train and eval sets, then free the
-        reference copy, which precomputed mode no longer needs."""
-        if self.reference_mode != "precomputed" or self.ref_model is None:
-            return
-        if self.train_dataset is not None:
-            self.train_dataset = self.precompute_reference_logps(self.train_dataset, "train")
-        if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {
-                k: self.precompute_reference_logps(v, f"eval-{k}") for k, v in self.eval_dataset.items()
-            }
-        elif self.eval_dataset is not None:
-            self.eval_dataset = self.precompute_reference_logps(self.eval_dataset, "eval")
-        self.ref_model = None
-
-    def get_train_dataloader(self):
-        self._ensure_reference_logps()
-        return super().get_train_dataloader()
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        self._ensure_reference_logps()
-        return super().get_eval_dataloader(eval_dataset)
-
     # ----------------------------------------------------------------------------------------- loss
-
-    def compute_batch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return (scalar loss, {metric name: scalar tensor}). Implemented by each method."""
-        raise NotImplementedError
 
     def score(self, model, batch: dict, **kwargs) -> ResponseScores:
         """Policy log-probs of the batch's responses (with gradient)."""
@@ -375,10 +385,12 @@ class AlignTrainer(CheckpointingMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.compute_batch_loss(model, inputs)
         mode = "train" if model.training else "eval"
-        if self.compat_stream is not None and mode == "train":
-            compat = self.compat_term(model)
-            loss = loss + self.args.compat_weight * compat
-            metrics = {**metrics, "loss/compat": compat.detach()}
+        if mode == "train" and self.aux_losses:
+            metrics = dict(metrics)
+            for term in self.aux_losses:
+                value = term(self, model)
+                loss = loss + term.weight * value
+                metrics[f"loss/{term.name}"] = value.detach()
         if metrics:
             names = list(metrics)
             values = torch.stack([metrics[k].detach().float().reshape(()) for k in names])
@@ -393,6 +405,11 @@ class AlignTrainer(CheckpointingMixin, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    # ------------------------------------------------------------------------------------ logging
+
+    # callbacks with pending metrics (pop_logs) have them merged into the log of the step they were measured at
+    merges_callback_logs = True
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
@@ -401,134 +418,20 @@ class AlignTrainer(CheckpointingMixin, Trainer):
             averaged = {f"{prefix}{k}": v for k, v in averaged.items()}
         # in place: Trainer.evaluate returns this same dict, so the per-term metrics reach its caller
         logs.update(averaged)
-        for callback in self.callback_handler.callbacks:  # flip guard metrics measured at this step
+        for callback in self.callback_handler.callbacks:
             if mode == "train" and hasattr(callback, "pop_logs"):
                 logs.update(callback.pop_logs())
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
-    # -------------------------------------------------------------------------------- compatibility
-
-    # AlignTrainer.log merges the flip guard's pending metrics (see alignkit.evaluation.flip_guard)
-    merges_callback_logs = True
-
-    def _resolve_compat_old_model(self, args, model, ref_model, compat_dataset):
-        """Where π_old of the compatibility term comes from; returns a model to prepare, or ``None``.
-
-        ``self.compat_source``: ``None`` (term off), ``reference`` (the live reference: adapter off or the
-        frozen reference model), ``adapter`` (a LoRA policy without a live reference: adapter off),
-        ``copy`` (a frozen copy of the starting model, made only here and only when λ > 0; with
-        ``reference='precomputed'`` it is the copy already made for the reference pass, kept)."""
-        self.compat_source = None
-        if not args.compat_weight:
-            if compat_dataset is not None or args.compat_data:
-                logger.warning("compat data given but compat_weight is 0: no compatibility term")
-            return None
-        if compat_dataset is None and not args.compat_data:
-            raise ValueError("compat_weight > 0 needs compatibility records: set compat_data (or pass compat_dataset=)")
-        if self.reference_mode in ("adapter", "model"):
-            self.compat_source = "reference"
-            return None
-        if _is_peft_model(model):
-            self.compat_source = "adapter"
-            return None
-        self.compat_source = "copy"
-        if self.reference_mode == "precomputed" and ref_model is not None:
-            return ref_model  # the same object: no second copy
-        return copy.deepcopy(model).eval().requires_grad_(False)
-
-    def _setup_compat(self, args, compat_model, compat_dataset, shares_reference: bool = False) -> None:
-        from alignkit.compatibility import CompatStream
-
-        self.compat_stream = None
-        self.compat_model = None
-        self._compat_step = (-1, -1)  # (global step, micro-step) of the last compat batch
-        if self.compat_source is None:
-            return
-        if compat_model is not None:
-            self.compat_model = self.ref_model if shares_reference else self._prepare_ref_model(compat_model)
-        source = compat_dataset if compat_dataset is not None else args.compat_data
-        if isinstance(source, str) and not os.path.exists(source):
-            from alignkit.recipes import DataArguments, load_data
-
-            source = load_data(source, DataArguments(), "sft", train=True)
-        with args.main_process_first(desc="tokenizing compatibility set"):
-            dataset = self._prepare_compat_dataset(source, args)
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        self.compat_stream = CompatStream(
-            dataset, GroupCollator(self.tokenizer.pad_token_id, args.score_layout),
-            args.compat_batch_size or args.per_device_train_batch_size, seed,
-        )
-
-    def _prepare_compat_dataset(self, source, args):
-        name = "compat"
-        label = source if isinstance(source, str) else "<compat dataset>"
-        dataset = load_records(source, "sft")
-
-        def tokenize(record, index):
-            return tokenize_group(self.tokenizer, record["prompt"], [record["response"]], max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length, source=str(label), row=index + 1)
-
-        return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names,
-                           num_proc=args.dataset_num_proc, desc=f"Tokenizing {name}")
-
-    def compat_micro_index(self) -> int:
-        """The index of the current training micro-batch: global step · accumulation + micro-step. The
-        micro-step counts the compat batches drawn at the same global step, from 0 (a resumed run starts
-        at a step boundary, so it counts exactly like an uninterrupted one)."""
-        step = self.state.global_step
-        last_step, micro = self._compat_step
-        micro = micro + 1 if step == last_step else 0
-        self._compat_step = (step, micro)
-        return step * self.args.gradient_accumulation_steps + micro
-
-    def compat_old_scores(self, model, batch: dict) -> ResponseScores:
-        """π_old's scores of a compat batch, with logits (no gradient)."""
-        with torch.no_grad():
-            if self.compat_source == "reference":
-                return self.reference_scores(model, batch, keep_logits=True)
-            if self.compat_source == "adapter":
-                with self.accelerator.unwrap_model(model).disable_adapter():
-                    return score_responses(model, batch, keep_logits=True)
-            return score_responses(self.compat_model, batch, keep_logits=True)
-
-    def compat_term(self, model) -> torch.Tensor:
-        """The compatibility term of this micro-batch: mean over compat response tokens of
-        KL(π_old ‖ πθ) (:func:`alignkit.compatibility.compatibility_loss`)."""
-        from alignkit.compatibility import compatibility_loss, old_correct_token_mask
-
-        index = self.compat_micro_index()
-        batch = self.compat_stream.batch(index, self.accelerator.process_index, self.accelerator.num_processes)
-        batch = self._prepare_inputs(batch)
-        policy = score_responses(model, batch, keep_logits=True)
-        old = self.compat_old_scores(model, batch)
-        mask = old_correct_token_mask(old.logits, batch["score_targets"]) if self.args.compat_mask == "token" else None
-        return compatibility_loss(policy.logits, old.logits, mask)
-
-    # ------------------------------------------------------------------------------------ flip guard
-
-    def _setup_flip_guard(self, args) -> None:
-        from alignkit.evaluation.flip_guard import FlipGuardCallback
-
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, FlipGuardCallback):
-                callback.bind(self)
-        if not args.flip_guard_data:
-            return
-        self.add_callback(FlipGuardCallback(
-            args.flip_guard_data, eval_steps=args.flip_guard_steps, max_nfr=args.flip_guard_max_nfr,
-            action=args.flip_guard_action, max_items=args.flip_guard_max_items, verifier=args.flip_guard_verifier,
-            max_new_tokens=args.flip_guard_max_new_tokens, batch_size=args.flip_guard_batch_size,
-            tokenizer=self.tokenizer,
-        ))
+    def _bind(self, callback) -> None:
+        if hasattr(callback, "bind") and getattr(callback, "trainer", None) is None:
+            callback.bind(self)
 
     def add_callback(self, callback) -> None:
         super().add_callback(callback)
-        from alignkit.evaluation.flip_guard import FlipGuardCallback
-
         for cb in self.callback_handler.callbacks:
-            if isinstance(cb, FlipGuardCallback) and cb.trainer is None:
-                cb.bind(self)
+            self._bind(cb)
 
 
 def _prepare_deepspeed_reference(model, accelerator):

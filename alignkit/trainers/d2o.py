@@ -15,17 +15,18 @@ Where the samples come from
     * otherwise the rollout engine (:class:`~alignkit.rollout.arguments.RolloutArguments`:
       ``rollout_backend``, ``rollout_temperature``, ``rollout_max_new_tokens``, ...) samples K per
       distinct prompt from the reference: the frozen reference model, or the policy with its LoRA
-      adapter disabled. They are sampled once, when the trainer is built (before tokenization), and
-      cached as JSONL in ``samples_cache_dir`` (default ``OUTPUT_DIR/d2o_samples``) under a fingerprint
-      of model name + weights digest, prompts, sampling settings, backend, K and instruction prefix
-      (:mod:`alignkit.reference_samples`): a second run with the same inputs does not sample again.
+      adapter disabled. They are sampled once, when the trainer builds its splits (after the reference
+      exists, before tokenization), and cached as JSONL in ``samples_cache_dir`` (default
+      ``OUTPUT_DIR/d2o_samples``) under a fingerprint of model name + full weights digest, prompts,
+      sampling settings, backend, K and instruction prefix (:mod:`alignkit.reference_samples`,
+      :mod:`alignkit.cache`): a second run with the same inputs does not sample again.
     * ``instruction_prefix``: a string put before the prompt only while sampling (the paper samples
       under a harmless-instruction prompt); training scores the responses under the plain prompt.
     * ``samples_refresh_steps`` = N > 0: every N optimizer steps the training samples are re-sampled
       from the current policy (the reference log-probs of the new samples still come from the
       reference: the live reference pass, so ``reference='precomputed'`` is refused with refresh). The
       new samples are written to ``OUTPUT_DIR/d2o_refresh/step-<N·k>.jsonl`` and each checkpoint
-      records which file was live (``d2o_samples.json``), so ``--resume_from_checkpoint`` continues with
+      records which file was live (``d2o_samples.json``, written as part of the checkpoint), so ``--resume_from_checkpoint`` continues with
       the same samples. Cost: one rollout of K responses for every distinct training prompt every N
       steps, and one re-tokenization of the train set; eval samples stay the reference's.
 
@@ -49,23 +50,15 @@ import datasets
 import torch
 from torch.utils.data import Dataset as TorchDataset
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from alignkit.data.loading import load_records, read_json_lines
+from alignkit.cache import on_main_process, read_jsonl, write_jsonl
+from alignkit.checkpoints import resolve_resume_checkpoint
 from alignkit.data.records import RecordError, message_text
-from alignkit.data.tokenize import tokenize_group
 from alignkit.losses import d2o_loss
-from alignkit.negatives import write_jsonl
-from alignkit.reference_samples import (
-    SamplesCache,
-    model_identity,
-    on_main_process,
-    prompt_key,
-    sample_texts,
-    samples_fingerprint,
-    weights_digest,
-)
-from alignkit.trainers.base import AlignConfig, AlignTrainer, _is_peft_model
+from alignkit.reference_samples import cached_samples, prompt_key, with_instruction_prefix
+from alignkit.rollout.arguments import RolloutArguments
+from alignkit.rollout.setup import RolloutSetup
+from alignkit.trainers.base import AlignConfig, AlignTrainer, is_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +145,7 @@ class VersionedCollator:
 
 
 class _SamplesRefreshCallback(TrainerCallback):
-    """Re-sample every ``samples_refresh_steps`` optimizer steps; record the live samples in checkpoints."""
+    """Re-sample every ``samples_refresh_steps`` optimizer steps."""
 
     def __init__(self, trainer: D2OTrainer):
         self.trainer = trainer
@@ -168,13 +161,6 @@ class _SamplesRefreshCallback(TrainerCallback):
         if every and state.global_step % every == 0 and state.global_step < state.max_steps:
             self.trainer.refresh_train_samples(state.global_step)
 
-    def on_save(self, args, state, control, **kwargs):
-        if not self.trainer.accelerator.is_main_process:
-            return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            (checkpoint / CHECKPOINT_SAMPLES_FILE).write_text(json.dumps({"samples_step": self.trainer.samples_step}))
-
 
 class D2OTrainer(AlignTrainer):
     """D²O on negatives records; see the module docstring.
@@ -183,7 +169,8 @@ class D2OTrainer(AlignTrainer):
     ``rollout_*`` keys; defaults if omitted) or ``rollout_engine`` (any
     :class:`~alignkit.rollout.base.RolloutEngine`, used instead of building one from ``rollout_args``; it
     must sample from the model it is synced with, and is called inside ``disable_adapter()`` for a LoRA
-    reference). The engine is built only when something has to be sampled.
+    reference). Sampling goes through one :class:`~alignkit.rollout.setup.RolloutSetup`; the engine is built
+    only when something has to be sampled.
     """
 
     record_kind = "negatives"
@@ -192,59 +179,54 @@ class D2OTrainer(AlignTrainer):
 
     def __init__(self, model, args: D2OConfig, train_dataset=None, eval_dataset=None, processing_class=None,
                  ref_model=None, peft_config=None, callbacks=None, rollout_args=None, rollout_engine=None, **kwargs):
-        from alignkit.rollout.arguments import RolloutArguments
-
-        self.rollout_args = rollout_args if rollout_args is not None else RolloutArguments()
-        self._rollout_args_given = rollout_args is not None
-        self._engine = rollout_engine
-        self._engine_injected = rollout_engine is not None
+        if rollout_args is None and rollout_engine is None:
+            logger.warning("D2OTrainer got no rollout_args: sampling with the defaults (%s)",
+                           RolloutArguments().sampling())
+        self.rollout = RolloutSetup(rollout_args, processing_class, engine=rollout_engine, seed=args.seed)
         self._engine_holds_policy = False
         self.samples_step = 0  # the optimizer step the live training samples were drawn at (0: the reference)
         self.samples_version = 0
         self._pending_refresh_step: int | None = None
+        self.train_records = None  # the train records, kept for refreshes
+        if args.samples_refresh_steps:
+            if train_dataset is None or self._is_tokenized(train_dataset):
+                raise ValueError("samples_refresh_steps needs the train records (prompt, rejected), not a tokenized dataset")
+            callbacks = [*(callbacks or []), _SamplesRefreshCallback(self)]
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, ref_model=ref_model, peft_config=peft_config,
                          callbacks=callbacks, **kwargs)
-        self.group_collator = self.data_collator
-        self.data_collator = VersionedCollator(self.group_collator)
-        # sample (or load) and tokenize, now that the reference and the accelerator exist
-        self.train_record_dataset = self.train_dataset
-        if self.train_dataset is not None:
-            self.train_dataset = self.attach_samples(self.train_dataset, "train")
-        if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {k: self.attach_samples(v, f"eval-{k}") for k, v in self.eval_dataset.items()}
-        elif self.eval_dataset is not None:
-            self.eval_dataset = self.attach_samples(self.eval_dataset, "eval")
-        if args.samples_refresh_steps:
-            if self.train_record_dataset is None or self._is_tokenized(self.train_record_dataset):
-                raise ValueError("samples_refresh_steps needs the train records (prompt, rejected), not a tokenized dataset")
-            self.train_dataset = SwappableSamples(self.train_dataset)
-            self.add_callback(_SamplesRefreshCallback(self))
+        if args.samples_refresh_steps:  # each checkpoint records which samples were live (part of the checkpoint)
+            self.add_checkpoint_writer(lambda directory: (Path(directory) / CHECKPOINT_SAMPLES_FILE).write_text(
+                json.dumps({"samples_step": self.samples_step})))
 
     # ----------------------------------------------------------------------------------------- data
 
     def group_responses(self, record):
         return list(record["samples"][: self.args.num_samples]) + [record["rejected"]]
 
+    def make_collator(self, group_collator):
+        return VersionedCollator(group_collator)
+
     @staticmethod
     def _is_tokenized(dataset) -> bool:
         return hasattr(dataset, "column_names") and "prompt_ids" in dataset.column_names
 
-    def prepare_dataset(self, dataset, args, name):
-        """Validate the records; sampling and tokenization wait until the reference exists
-        (:meth:`attach_samples`, called at the end of ``__init__``)."""
-        if self._is_tokenized(dataset):
-            return dataset
-        return load_records(dataset, self.record_kind)
+    def build_split(self, data, name):
+        """Negatives records -> each record's own ``samples`` (first K) or K reference samples of its prompt
+        (cached; sampled once per distinct prompt) -> tokenized groups [y_1..y_K, y_l]; the train split of a
+        run with refreshed samples is a :class:`SwappableSamples`."""
+        if self._is_tokenized(data):
+            return super().build_split(data, name)
+        records, _ = self.load_split(data, name)
+        split = super().build_split(self.attach_samples(records, name), name)
+        if name == "train" and self.args.samples_refresh_steps:
+            self.train_records = records
+            return SwappableSamples(split)
+        return split
 
-    def attach_samples(self, records, name: str):
-        """Tokenized groups [y_1..y_K, y_l] for negatives records: each record's own ``samples`` (first K),
-        else K reference samples of its prompt (cached; sampled once per distinct prompt)."""
-        if self._is_tokenized(records):
-            return records
-        if not isinstance(records, datasets.Dataset):
-            records = load_records(records, self.record_kind)
-        rows = records.to_list()
+    def attach_samples(self, records, name: str) -> list[dict]:
+        """The records with ``samples``: each record's own (at least K), else K reference samples of its prompt."""
+        rows = records.to_list() if hasattr(records, "to_list") else list(records)
         k = self.args.num_samples
         to_sample: dict[str, object] = {}
         for row_number, row in enumerate(rows, start=1):
@@ -254,45 +236,24 @@ class D2OTrainer(AlignTrainer):
             elif len(given) < k:
                 raise RecordError(f"<{name} dataset>", row_number, "samples",
                                   f"has {len(given)} samples but num_samples={k}; give at least {k} or lower num_samples")
-        sampled = {}
-        if to_sample:
-            prompts = list(to_sample.values())
-            sampled = dict(zip(to_sample, self.reference_samples(prompts, name)))
-        return self._tokenize(rows, sampled, name)
+        sampled = dict(zip(to_sample, self.reference_samples(list(to_sample.values()), name))) if to_sample else {}
+        return self._with_samples(rows, sampled)
 
-    def _tokenize(self, rows: list[dict], sampled: dict[str, list[str]], name: str):
-        """Tokenize the groups; responses become text (message lists are joined, as tokenize_group does)."""
+    def _with_samples(self, rows: list[dict], sampled: dict[str, list[str]]) -> list[dict]:
+        """Rows with K ``samples`` each (as text: message lists are joined, as tokenize_group does)."""
         k = self.args.num_samples
-        groups = []
+        out = []
         for row in rows:
             samples = row.get("samples")
             samples = sampled[prompt_key(row["prompt"])] if samples is None else samples[:k]
-            group = {"prompt": row["prompt"], "responses": [message_text(s) for s in samples] + [message_text(row["rejected"])]}
-            if row.get("ref_logps") is not None:
-                group["ref_logps"] = row["ref_logps"]
-            groups.append(group)
-        dataset = datasets.Dataset.from_list(groups)
-        # plain locals in the closure: datasets hashes it for the (deterministic) fingerprint
-        tokenizer, max_length, max_prompt_length = self.tokenizer, self.args.max_length, self.args.max_prompt_length
-        source = f"<{name} dataset>"
-
-        def tokenize(group, index):
-            return tokenize_group(tokenizer, group["prompt"], group["responses"], max_length=max_length,
-                                  max_prompt_length=max_prompt_length, source=source, row=index + 1)
-
-        remove = [c for c in dataset.column_names if c != "ref_logps"]
-        return dataset.map(tokenize, with_indices=True, remove_columns=remove, num_proc=self.args.dataset_num_proc,
-                           desc=f"Tokenizing {name}")
+            out.append({**row, "samples": [message_text(x) for x in samples], "rejected": message_text(row["rejected"])})
+        return out
 
     # -------------------------------------------------------------------------------------- sampling
 
     @property
-    def samples_cache(self) -> SamplesCache:
-        return SamplesCache(self.args.samples_cache_dir or os.path.join(self.args.output_dir, "d2o_samples"))
-
-    def _sampling_seed(self, step: int = 0) -> int:
-        base = self.rollout_args.rollout_seed
-        return (self.args.seed if base is None else base) + step
+    def samples_cache_dir(self) -> str:
+        return self.args.samples_cache_dir or os.path.join(self.args.output_dir, "d2o_samples")
 
     def _reference_model(self):
         """The object the reference samples come from: the frozen reference model, else the policy (whose
@@ -300,54 +261,29 @@ class D2OTrainer(AlignTrainer):
         model = self.ref_model if self.ref_model is not None else self.model
         return self.accelerator.unwrap_model(model)
 
-    def engine(self, model):
-        """The rollout engine, built on first use from ``rollout_args`` and pointed at ``model``."""
-        if self._engine is None:
-            if not self._rollout_args_given:
-                logger.warning("D2OTrainer got no rollout_args: sampling with the defaults (%s)",
-                               self.rollout_args.sampling(seed=self._sampling_seed()))
-            self._engine = self.rollout_args.engine(model, self.tokenizer)
-        else:
-            self._engine.sync_weights(model)
-        return self._engine
-
     def reference_samples(self, prompts: list, name: str) -> list[list[str]]:
         """K samples per prompt from the reference policy, from the cache or the rollout engine."""
         reference = self._reference_model()
-        sampling = self.rollout_args.sampling(seed=self._sampling_seed())
-        fingerprint, key = samples_fingerprint(
-            model=model_identity(reference),
-            weights=weights_digest(reference),
-            prompts=prompts,
-            sampling=sampling,
-            backend=self.rollout_args.rollout_backend,
-            num_samples=self.args.num_samples,
-            instruction_prefix=self.args.instruction_prefix,
-        )
-        cache = self.samples_cache
-        cached = on_main_process(lambda: cache.load(name, fingerprint, prompts))
-        if cached is not None:
-            logger.info("D2O %s: %d x %d reference samples from %s", name, len(prompts), self.args.num_samples,
-                        cache.path(name, fingerprint))
-            return cached
-        if self._engine_holds_policy and not self._engine_respects_disable_adapter():
-            raise RuntimeError("reference samples after a refresh need the hf rollout backend (the engine now holds the policy)")
         context = None
-        if self.ref_model is None and _is_peft_model(reference):
-            self._check_adapter_off_for_engine(reference)
+        if self.ref_model is None and is_peft_model(reference):
             context = reference.disable_adapter()
-        logger.info("D2O %s: sampling %d x %d reference responses", name, len(prompts), self.args.num_samples)
-        samples = sample_texts(self.engine(reference), prompts, self.args.num_samples, sampling,
-                               instruction_prefix=self.args.instruction_prefix, context=context)
-        if self.accelerator.is_main_process:
-            cache.save(name, fingerprint, key, prompts, samples)
-        self.accelerator.wait_for_everyone()
-        return samples
+        if self._engine_holds_policy and not self._engine_respects_disable_adapter():
+            def refuse():
+                raise RuntimeError("reference samples after a refresh need the hf rollout backend (the engine now "
+                                   "holds the policy)")
+            sample_guard = refuse
+        else:
+            sample_guard = None
+        if context is not None:
+            self._check_adapter_off_for_engine(reference)
+        return cached_samples(self.rollout, reference, prompts, self.args.num_samples, self.rollout.sampling(),
+                              cache_dir=self.samples_cache_dir, name=name,
+                              instruction_prefix=self.args.instruction_prefix, context=context, on_miss=sample_guard)
 
     def _engine_respects_disable_adapter(self) -> bool:
         """Whether sampling inside ``disable_adapter()`` gives the base: true for the ``hf`` backend (it
         samples from the model object itself) and assumed for an engine passed in by the caller."""
-        return self._engine_injected or self.rollout_args.rollout_backend == "hf"
+        return self.rollout.injected or self.rollout.args.rollout_backend == "hf"
 
     def _check_adapter_off_for_engine(self, peft_model) -> None:
         """An engine other than ``hf`` samples from the adapter it was synced with, not from the base: that
@@ -357,7 +293,7 @@ class D2OTrainer(AlignTrainer):
         trained = any(p.detach().abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
         if trained:
             raise ValueError(
-                f"rollout_backend={self.rollout_args.rollout_backend!r} samples from the model with its adapter, but the "
+                f"rollout_backend={self.rollout.args.rollout_backend!r} samples from the model with its adapter, but the "
                 "adapter is already trained, so that is not the reference: use rollout_backend='hf', pass the samples "
                 "in the records, or start from a fresh adapter"
             )
@@ -368,9 +304,8 @@ class D2OTrainer(AlignTrainer):
         """Re-sample K responses per training prompt from the current policy and swap them in."""
         policy = self.accelerator.unwrap_model(self.model)
         prompts = self._train_prompts()
-        sampling = self.rollout_args.sampling(seed=self._sampling_seed(step))
-        samples = sample_texts(self.engine(policy), prompts, self.args.num_samples, sampling,
-                               instruction_prefix=self.args.instruction_prefix)
+        samples = self.rollout.sample_texts(policy, prompts, self.args.num_samples, self.rollout.sampling(step),
+                                            transform=lambda p: with_instruction_prefix(p, self.args.instruction_prefix))
         self._engine_holds_policy = True
         path = self._refresh_path(step)
         if self.accelerator.is_main_process:
@@ -382,7 +317,7 @@ class D2OTrainer(AlignTrainer):
 
     def _train_prompts(self) -> list:
         seen = {}
-        for prompt in self.train_record_dataset["prompt"]:
+        for prompt in self.train_records["prompt"]:
             seen.setdefault(prompt_key(prompt), prompt)
         return list(seen.values())
 
@@ -390,11 +325,12 @@ class D2OTrainer(AlignTrainer):
         return Path(self.args.output_dir) / REFRESH_DIR / f"step-{step}.jsonl"
 
     def _swap_train_samples(self, samples_by_prompt: dict[str, list[str]], step: int) -> None:
-        rows = [{**row, "samples": None} for row in self.train_record_dataset.to_list()]
-        dataset = self._tokenize(rows, samples_by_prompt, f"train (samples of step {step})")
+        rows = [{**row, "samples": None} for row in self.train_records.to_list()]
+        groups = self.tokenize_records(datasets.Dataset.from_list(self._with_samples(rows, samples_by_prompt)),
+                                       f"train (samples of step {step})")
         self.samples_version += 1
         self.samples_step = step
-        self.train_dataset.swap(dataset, self.samples_version)
+        self.train_dataset.swap(groups, self.samples_version)
 
     def _restore_refreshed_samples(self, checkpoint: str | None) -> None:
         """On resume: put back the samples that were live when the checkpoint was written."""
@@ -407,9 +343,7 @@ class D2OTrainer(AlignTrainer):
         path = self._refresh_path(step)
 
         def read():
-            if not path.exists():
-                return None
-            return [row for _, row in read_json_lines(path)]
+            return read_jsonl(path) if path.exists() else None
 
         rows = on_main_process(read)
         if rows is None:  # re-sample once the checkpoint's weights are loaded (on_train_begin)
@@ -420,18 +354,10 @@ class D2OTrainer(AlignTrainer):
         self._swap_train_samples({prompt_key(r["prompt"]): r["samples"] for r in rows}, step)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if self.args.samples_refresh_steps and resume_from_checkpoint not in (None, False):
-            checkpoint = resume_from_checkpoint
-            if checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
-            self._restore_refreshed_samples(checkpoint)
+        if self.args.samples_refresh_steps:
+            self._restore_refreshed_samples(resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        if eval_dataset is not None and not isinstance(eval_dataset, str) and not self._is_tokenized(eval_dataset):
-            eval_dataset = self.attach_samples(eval_dataset, "eval")
-        return super().get_eval_dataloader(eval_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Re-collate a batch built from samples that were swapped out since (prefetched batches, worker

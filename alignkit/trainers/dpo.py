@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignkit.losses import DPO_LOSS_TYPES, dpo_loss, nll_loss
+from alignkit.negatives import preference_pairs
 from alignkit.trainers.base import AlignConfig, AlignTrainer
 
 
@@ -57,8 +58,6 @@ class DPOTrainer(AlignTrainer):
     @classmethod
     def onpolicy_records(cls, args: DPOConfig, rows: list[dict]) -> list[dict]:
         """On-policy rounds: verified rollout rows -> preference pairs (see ``alignkit.negatives``)."""
-        from alignkit.negatives import preference_pairs
-
         return preference_pairs(rows, pairs_per_prompt=args.pairs_per_prompt, fallback=args.chosen_fallback, seed=args.seed)
 
     def group_responses(self, record):

@@ -111,7 +111,7 @@ class NPOTrainer(AlignTrainer):
                  processing_class=None, ref_model=None, peft_config=None, callbacks=None, **kwargs):
         if train_dataset is None:
             raise ValueError("NPOTrainer needs the forget set as train_dataset")
-        forget_term, retain_term = UNLEARNING_LOSS_TYPES[args.loss_type]
+        retain_term = args.retain_term
         if retain_term is None:
             if retain_dataset is not None:
                 logger.warning("loss_type=%r has no retain term: the retain set is not used", args.loss_type)
@@ -123,44 +123,45 @@ class NPOTrainer(AlignTrainer):
             )
         elif _is_empty(retain_dataset):
             raise RecordError("<retain set>", None, None, _empty_retain_message(args.loss_type, retain_term))
-        # NPO's forget term and the KL retain term compare with the reference; SimNPO, GA and NLL do not
-        self.uses_reference = forget_term == "npo" or retain_term == "kl"
+        self.retain_records = retain_dataset
+        self.retain_dataset = None  # tokenized once, when the first split is built
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, ref_model=ref_model, peft_config=peft_config,
                          callbacks=callbacks, **kwargs)
-        self.group_collator = self.data_collator
-        self.data_collator = ForgetRetainCollator(self.group_collator)
-        self.retain_dataset = None
-        if retain_dataset is not None:
-            with args.main_process_first(desc="tokenizing retain set"):
-                try:
-                    self.retain_dataset = self.prepare_dataset(retain_dataset, args, "retain")
-                except RecordError as error:
-                    if error.row is None and error.message.startswith("no records"):
-                        raise RecordError(error.source, None, None,
-                                          _empty_retain_message(args.loss_type, retain_term)) from None
-                    raise
-        self.forget_dataset = self.train_dataset
-        self.eval_forget_dataset = self.eval_dataset
-        self.train_dataset = self._pair(self.forget_dataset)
-        self.eval_dataset = self._pair_eval(self.eval_forget_dataset)
+
+    def needs_reference(self, args: NPOConfig) -> bool:
+        # NPO's forget term and the KL retain term compare with the reference; SimNPO, GA and NLL do not
+        return args.forget_term == "npo" or args.retain_term == "kl"
 
     # ----------------------------------------------------------------------------------------- data
 
     def group_responses(self, record):
         return [record["response"]]
 
+    def make_collator(self, group_collator):
+        return ForgetRetainCollator(group_collator)
+
     @property
     def data_seed(self) -> int:
         return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
-    def _pair(self, forget):
-        return ForgetRetainDataset(forget, self.retain_dataset, seed=self.data_seed) if forget is not None else None
+    def build_split(self, data, name):
+        """The forget groups (with their reference log-probs when precomputed; the retain terms need none: NLL
+        is reference-free and KL is refused with precomputed values), paired with the retain set."""
+        forget = super().build_split(data, name)
+        return ForgetRetainDataset(forget, self._retain_groups(), seed=self.data_seed)
 
-    def _pair_eval(self, eval_forget):
-        if isinstance(eval_forget, dict):
-            return {k: self._pair(v) for k, v in eval_forget.items()}
-        return self._pair(eval_forget)
+    def _retain_groups(self):
+        if self.retain_records is None or self.retain_dataset is not None:
+            return self.retain_dataset
+        try:
+            self.retain_dataset = self.tokenize_records(self.retain_records, "retain")
+        except RecordError as error:
+            if error.row is None and error.message.startswith("no records"):
+                raise RecordError(error.source, None, None,
+                                  _empty_retain_message(self.args.loss_type, self.args.retain_term)) from None
+            raise
+        return self.retain_dataset
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -168,31 +169,6 @@ class NPOTrainer(AlignTrainer):
             return super()._get_train_sampler(train_dataset)
         num_retain = len(dataset.retain) if dataset.retain is not None else None
         return ForgetRetainSampler(len(dataset.forget), num_retain, seed=self.data_seed)
-
-    def reference_collator(self):
-        return self.group_collator
-
-    def _ensure_reference_logps(self):
-        """Precomputed mode: reference log-probs of the forget responses (the retain terms need none:
-        NLL is reference-free and KL is refused with precomputed values)."""
-        if self.reference_mode != "precomputed" or self.ref_model is None:
-            return
-        self.forget_dataset = self.precompute_reference_logps(self.forget_dataset, "forget")
-        self.train_dataset = self._pair(self.forget_dataset)
-        if isinstance(self.eval_forget_dataset, dict):
-            self.eval_forget_dataset = {k: self.precompute_reference_logps(v, f"eval-{k}")
-                                        for k, v in self.eval_forget_dataset.items()}
-        elif self.eval_forget_dataset is not None:
-            self.eval_forget_dataset = self.precompute_reference_logps(self.eval_forget_dataset, "eval")
-        self.eval_dataset = self._pair_eval(self.eval_forget_dataset)
-        self.ref_model = None
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        self._ensure_reference_logps()
-        if eval_dataset is not None and not isinstance(eval_dataset, (str, ForgetRetainDataset)):
-            # records passed to evaluate(): tokenize, and pair with the retain set like the training data
-            eval_dataset = self._pair(self.prepare_dataset(eval_dataset, self.args, "eval"))
-        return super().get_eval_dataloader(eval_dataset)
 
     # ----------------------------------------------------------------------------------------- loss
 

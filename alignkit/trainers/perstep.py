@@ -25,7 +25,7 @@ Records (``train_dataset`` / ``eval_dataset``):
   ``step_split`` segmentation, which must give n steps), optional ``chosen`` (needed by
   ``first_pit_dpo``). A bad row raises :class:`~alignkit.data.records.RecordError` naming file, row, field.
 * problem records (``prompt``, ``answer``, optional ``solution``): the trainer builds per-step records
-  itself with the starting model (:func:`alignkit.perstep_pipeline.build_perstep_records`:
+  itself with the starting model (:func:`alignkit.steps.build_perstep_records`:
   ``rollout_n`` samples per problem, up to ``negatives_per_problem`` distinct incorrect ones, M =
   ``num_rollouts`` × K = ``best_of`` continuations per distinct prefix, the recipe's ``verifier``), before
   training, and caches them as JSONL in ``records_cache_dir`` (default ``OUTPUT_DIR/perstep_records``)
@@ -43,10 +43,7 @@ advantage_weighted: ``loss/aw`` (the weighted NLL), ``kl/ref`` (when ``kl_coef``
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -55,21 +52,13 @@ from pathlib import Path
 import datasets
 import torch
 
+from alignkit.cache import CacheEntry, cached, json_digest, model_key, read_jsonl, write_jsonl
 from alignkit.data.loading import read_json_lines
-from alignkit.data.records import (
-    RecordError,
-    _check_prompt,
-    _check_response,
-    message_text,
-)
-from alignkit.data.tokenize import (
-    _common_prefix_length,
-    _ids,
-    _with_response,
-    tokenize_group,
-)
+from alignkit.data.records import RecordError, check_step_values, message_text, validate_record
+from alignkit.data.tokenize import prefix_token_ends, tokenize_group, truncate_group
 from alignkit.losses import DPO_LOSS_TYPES, advantage_weighted_loss
-from alignkit.steps import advantages, first_pit, split_steps
+from alignkit.rollout.setup import RolloutSetup
+from alignkit.steps import advantages, build_perstep_records, first_pit, split_steps
 from alignkit.trainers.base import AlignConfig, AlignTrainer
 from alignkit.trainers.dpo import pair_dpo_loss
 
@@ -77,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 PERSTEP_MODES = ("first_pit_dpo", "advantage_weighted")
 NO_PIT = ("skip", "full")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -121,96 +110,21 @@ class PerStepConfig(AlignConfig):
 # ------------------------------------------------------------------------------------ records
 
 
-def validate_perstep_record(record, *, source: str, row: int, split="newline", need_chosen: bool = False) -> list[str]:
-    """Check one per-step record; return its step texts. Raises :class:`RecordError` (source, row, field)."""
-    if not isinstance(record, dict):
-        raise RecordError(source, row, None, f"expected a JSON object, got {type(record).__name__}")
-    for name in ("prompt", "response", "values"):
-        if record.get(name) is None:
-            raise RecordError(source, row, name, "missing required field")
-    _check_prompt(record["prompt"], source, row, "prompt")
-    response = record["response"]
-    if not isinstance(response, str) or not response.strip():
-        raise RecordError(source, row, "response", "expected non-empty text")
-    steps = record.get("steps")
-    if steps is None:
-        steps = split_steps(response, split)
-    else:
-        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
-            raise RecordError(source, row, "steps", "expected a non-empty list of texts")
-        if "".join(steps) != response:
-            raise RecordError(source, row, "steps", "the steps do not concatenate to the response")
-    values = record["values"]
-    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise RecordError(source, row, "values", "expected a list of numbers [Q_0, ..., Q_n]")
-    if len(values) != len(steps) + 1:
-        raise RecordError(source, row, "values", f"expected {len(steps) + 1} values (Q_0..Q_n for {len(steps)} steps), "
-                                                 f"got {len(values)}")
-    for i, v in enumerate(values):
-        if not (0.0 <= v <= 1.0) or math.isnan(v):
-            raise RecordError(source, row, f"values[{i}]", f"expected a success rate in [0, 1], got {v}")
-    chosen = record.get("chosen")
-    if chosen is not None:
-        _check_response(chosen, source, row, "chosen")
-    elif need_chosen:
-        raise RecordError(source, row, "chosen", "first_pit_dpo needs a correct solution as chosen")
-    return steps
-
-
 def is_perstep_record(record) -> bool:
     return isinstance(record, dict) and "values" in record and "response" in record
 
 
-class _Pending(list):
-    """Records waiting for the trainer to exist: ``kind`` is 'perstep' or 'problems'."""
-
-    def __init__(self, rows, kind: str, source: str):
-        super().__init__(rows)
-        self.kind, self.source = kind, source
-
-
-def _load_rows(dataset, name: str) -> tuple[list, str]:
-    """(rows, source) of a path, list or ``datasets.Dataset``."""
-    if isinstance(dataset, (str, os.PathLike)):
-        path = Path(dataset)
-        if path.suffix.lower() == ".json" and path.exists() and path.read_text(encoding="utf-8").lstrip()[:1] == "[":
-            return json.loads(path.read_text(encoding="utf-8")), str(dataset)
-        if path.suffix.lower() in (".jsonl", ".json") and path.exists():
-            from alignkit.data.loading import read_json_lines
-
-            return [r for _, r in read_json_lines(path)], str(dataset)
-        from alignkit.data.loading import load_records
-
-        return load_records(str(dataset), "problems").to_list(), str(dataset)
-    if hasattr(dataset, "to_list"):
-        return dataset.to_list(), f"<{name} dataset>"
-    return list(dataset), f"<{name} dataset>"
-
-
-def _line_numbers(dataset, rows: list) -> list[int]:
-    """1-based row numbers; a JSONL path gives its line numbers (blank lines skipped)."""
-    if isinstance(dataset, (str, os.PathLike)) and Path(dataset).suffix.lower() in (".jsonl", ".json") and \
-            Path(dataset).read_text(encoding="utf-8").lstrip()[:1] != "[":
-        from alignkit.data.loading import read_json_lines
-
-        return [n for n, _ in read_json_lines(dataset)]
-    return list(range(1, len(rows) + 1))
-
-
-def step_token_ends(tokenizer, prompt, steps: list[str], full_ids: list[int], prompt_len: int) -> list[int]:
-    """For each step, the end (exclusive) of its tokens in response coordinates, the last one being
-    ``len(full_ids) − prompt_len`` (the end-of-sequence / end-of-turn tokens belong to the last step).
-    A step boundary is where the tokens of ``prompt + steps[:i]`` stop agreeing with the full sequence, so
-    a token merged across a boundary goes to the later step."""
-    ends, acc = [], ""
-    total = len(full_ids) - prompt_len
-    for s in steps[:-1]:
-        acc += s
-        part = _ids(tokenizer, _with_response(prompt, acc, ""))
-        end = _common_prefix_length(part, full_ids) - prompt_len
-        ends.append(min(max(end, ends[-1] if ends else 0, 0), total))
-    ends.append(total)
-    return ends
+def record_steps(record: dict, *, source: str, row: int, split="newline", need_chosen: bool = False) -> list[str]:
+    """The step texts of a valid per-step record (``perstep`` kind, :mod:`alignkit.data.records`): its
+    ``steps``, else ``split`` segmentation of its response, which must give one step fewer than ``values``.
+    Raises :class:`RecordError` (source, row, field)."""
+    steps = record.get("steps")
+    if steps is None:
+        steps = split_steps(record["response"], split)
+        check_step_values(record["values"], len(steps), source=source, row=row)
+    if need_chosen and record.get("chosen") is None:
+        raise RecordError(source, row, "chosen", "first_pit_dpo needs a correct solution as chosen")
+    return steps
 
 
 class PerStepTrainer(AlignTrainer):
@@ -218,67 +132,65 @@ class PerStepTrainer(AlignTrainer):
     :class:`~alignkit.trainers.d2o.D2OTrainer`: ``rollout_args`` (the recipe's ``rollout_*`` / ``verifier``
     keys) or ``rollout_engine`` and ``verifier`` objects, used only when records are built from problems."""
 
-    record_kind = "problems"
+    record_kind = ("perstep", "problems")
+    extra_fields = {"token_weights": "token", "is_negative": "response", "rejected_share": "group"}
     uses_rollout_args = True
     args: PerStepConfig
 
     def __init__(self, model, args: PerStepConfig, train_dataset=None, eval_dataset=None, processing_class=None,
                  ref_model=None, peft_config=None, callbacks=None, rollout_args=None, rollout_engine=None,
                  verifier=None, **kwargs):
-        from alignkit.rollout.arguments import RolloutArguments
-
-        self.rollout_args = rollout_args if rollout_args is not None else RolloutArguments()
-        self._engine, self._verifier = rollout_engine, verifier
+        self.rollout = RolloutSetup(rollout_args, processing_class, engine=rollout_engine, seed=args.seed,
+                                    verifier=verifier)
         self.build_reports: dict[str, dict] = {}
-        # the advantage-weighted form without a KL term has no reference: no frozen copy
-        self.uses_reference = not (args.mode == "advantage_weighted" and args.kl_coef == 0)
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, ref_model=ref_model, peft_config=peft_config,
                          callbacks=callbacks, **kwargs)
-        if isinstance(self.train_dataset, _Pending):
-            self.train_dataset = self._groups(self.train_dataset, "train")
-        if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {k: self._groups(v, f"eval-{k}") if isinstance(v, _Pending) else v
-                                 for k, v in self.eval_dataset.items()}
-        elif isinstance(self.eval_dataset, _Pending):
-            self.eval_dataset = self._groups(self.eval_dataset, "eval")
 
-    def group_responses(self, record):  # groups are built by _groups
-        raise NotImplementedError
+    def needs_reference(self, args: PerStepConfig) -> bool:
+        # the advantage-weighted form without a KL term has no reference: no frozen copy
+        return not (args.mode == "advantage_weighted" and args.kl_coef == 0)
 
     # ----------------------------------------------------------------------------------------- data
 
-    def prepare_dataset(self, dataset, args, name):
-        """Validate now (errors name file, row and field); build and tokenize once the trainer exists."""
-        if hasattr(dataset, "column_names") and "prompt_ids" in dataset.column_names:
-            return dataset
-        rows, source = _load_rows(dataset, name)
-        if not rows:
-            raise RecordError(source, None, None, "no records")
-        if is_perstep_record(rows[0]):
-            numbers = _line_numbers(dataset, rows)
-            need_chosen = args.mode == "first_pit_dpo"
-            checked = []
-            for row_no, row in zip(numbers, rows):
-                steps = validate_perstep_record(row, source=source, row=row_no, split=args.step_split,
-                                                need_chosen=need_chosen)
-                checked.append({**row, "steps": steps})
-            return _Pending(checked, "perstep", source)
-        from alignkit.data.loading import load_records
-
-        load_records(rows, "problems")  # validates (RecordError names the row and field)
-        return _Pending(rows, "problems", source)
-
-    def _groups(self, pending: _Pending, name: str):
-        records = pending if pending.kind == "perstep" else self.build_records(list(pending), name)
-        groups = self.training_groups(records)
+    def build_split(self, data, name):
+        """Per-step records (read once, validated: errors name file, row and field), or problems turned into
+        per-step records with the starting model (cached), -> training groups -> tokens (+ reference log-probs)."""
+        if hasattr(data, "column_names") and "prompt_ids" in data.column_names:
+            return super().build_split(data, name)
+        numbered, kind, source = self._numbered_records(data, name)
+        if kind == "problems":
+            records = self.build_records([row for _, row in numbered], name)
+            numbered = list(enumerate(records, start=1))
+            source = f"<{name} records built from problems>"
+        need_chosen = self.args.mode == "first_pit_dpo"
+        checked = [{**row, "steps": record_steps(row, source=source, row=line, split=self.args.step_split,
+                                                  need_chosen=need_chosen and kind == "perstep")}
+                   for line, row in numbered]
+        groups = self.training_groups(checked)
         if not groups:
-            raise RecordError(pending.source, None, None,
+            raise RecordError(source, None, None,
                               f"no training groups for mode {self.args.mode!r} (no negatives with a first pit / a chosen)")
-        return self._tokenize(groups, name)
+        return self.with_reference_logps(self._tokenize(groups, name), name)
+
+    def _numbered_records(self, data, name) -> tuple[list[tuple[int, dict]], str, str]:
+        """``((row, record) pairs, kind, source)``: the input read once and validated as per-step records or
+        problems; for a JSON Lines file the rows are its line numbers."""
+        if isinstance(data, (str, os.PathLike)) and Path(data).suffix.lower() in (".jsonl", ".ndjson"):
+            source = str(data)
+            numbered = read_json_lines(data)
+            if not numbered:
+                raise RecordError(source, None, None, "no records")
+            kind = "perstep" if is_perstep_record(numbered[0][1]) else "problems"
+            for line, row in numbered:
+                validate_record(row, kind, source=source, row=line)
+            return numbered, kind, source
+        records, kind = self.load_split(data, name)
+        source = str(data) if isinstance(data, (str, os.PathLike)) else f"<{name} dataset>"
+        return list(enumerate(records.to_list(), start=1)), kind, source
 
     def training_groups(self, records: list[dict]) -> list[dict]:
-        """Groups to tokenize: ``{"prompt", "responses", "steps", "weights" | "pit"}``."""
+        """Groups to tokenize: ``{"prompt", "chosen", "steps", "weights" | "pit"}``."""
         args, out, skipped = self.args, [], 0
         for r in records:
             steps = r["steps"]
@@ -304,6 +216,8 @@ class PerStepTrainer(AlignTrainer):
         return out
 
     def _tokenize(self, groups: list[dict], name: str):
+        """Token groups: [chosen, rejected prefix through the pit] (first_pit_dpo) or [chosen?, negative] with
+        per-token step weights (advantage_weighted); truncated as every group is (:func:`truncate_group`)."""
         tokenizer, args = self.tokenizer, self.args
         source = f"<{name} dataset>"
         rows = []
@@ -313,7 +227,7 @@ class PerStepTrainer(AlignTrainer):
             full = tokenize_group(tokenizer, g["prompt"], responses, source=source, row=index + 1)
             prompt_ids, response_ids = full["prompt_ids"], full["response_ids"]
             p = len(prompt_ids)
-            ends = step_token_ends(tokenizer, g["prompt"], g["steps"], prompt_ids + response_ids[-1], p)
+            ends = prefix_token_ends(tokenizer, g["prompt"], g["steps"], prompt_ids + response_ids[-1], p)
             if args.mode == "first_pit_dpo":
                 cut = ends[g["pit"] - 1]
                 if cut <= 0:
@@ -324,19 +238,12 @@ class PerStepTrainer(AlignTrainer):
                 step_of = [bisect_right(ends, k) for k in range(len(response_ids[-1]))]
                 neg = [float(g["weights"][min(s, len(g["weights"]) - 1)]) for s in step_of]
                 weights = ([[float(args.positive_weight)] * len(response_ids[0])] if len(responses) == 2 else []) + [neg]
-                extra = {"token_weights": weights,
-                         "is_negative": [0.0] * (len(responses) - 1) + [1.0]}
-            # truncation as tokenize_group does it
-            if args.max_prompt_length is not None and len(prompt_ids) > args.max_prompt_length:
-                prompt_ids = prompt_ids[-args.max_prompt_length:]
-            if args.max_length is not None:
-                room = args.max_length - len(prompt_ids)
-                if room <= 0:
-                    raise RecordError(source, index + 1, "prompt", f"prompt has {len(prompt_ids)} tokens and leaves no "
-                                                                   f"room for the response within max_length={args.max_length}")
-                response_ids = [r[:room] for r in response_ids]
-                if "token_weights" in extra:
-                    extra["token_weights"] = [w[:room] for w in extra["token_weights"]]
+                extra = {"token_weights": weights, "is_negative": [0.0] * (len(responses) - 1) + [1.0]}
+            prompt_ids, response_ids = truncate_group(prompt_ids, response_ids, max_length=args.max_length,
+                                                      max_prompt_length=args.max_prompt_length, source=source,
+                                                      row=index + 1)
+            if "token_weights" in extra:
+                extra["token_weights"] = [w[: len(r)] for w, r in zip(extra["token_weights"], response_ids)]
             rows.append({"prompt_ids": prompt_ids, "response_ids": response_ids, **extra})
         if not rows:
             raise RecordError(source, None, None, "no group has tokens to train on")
@@ -344,73 +251,51 @@ class PerStepTrainer(AlignTrainer):
 
     # -------------------------------------------------------------------------------------- building
 
-    def _records_fingerprint(self, problems: list[dict], name: str) -> tuple[str, dict]:
-        from alignkit.reference_samples import (
-            model_identity,
-            prompt_key,
-            weights_digest,
-        )
-
+    def records_cache_key(self, problems: list[dict]) -> dict:
+        """What the built records depend on: the starting model (full weights digest), the problems, the
+        sampling settings and seed, the backend, the verifier and the building settings."""
         model = self.accelerator.unwrap_model(self.ref_model if self.ref_model is not None else self.model)
-        ra, args = self.rollout_args, self.args
-        key = {
+        setup, args = self.rollout, self.args
+        return {
+            "kind": "perstep_records",
             "version": CACHE_VERSION,
-            "model": model_identity(model),
-            "weights": weights_digest(model),
-            "problems": hashlib.sha256("\n".join(prompt_key(p["prompt"]) + "\t" + json.dumps(p.get("answer"))
-                                                 for p in problems).encode()).hexdigest()[:16],
+            **model_key(model),
+            "problems": json_digest([[p["prompt"], p.get("answer"), p.get("tests")] for p in problems]),
             "count": len(problems),
-            "sampling": ra.sampling(seed=self._seed()).to_dict(),
-            "backend": ra.rollout_backend,
-            "verifier": ra.verifier,
-            "samples_per_problem": ra.rollout_n,
+            "sampling": setup.sampling(0).to_dict(),
+            "value_sampling": setup.sampling(1).to_dict(),
+            "backend": setup.backend,
+            "verifier": setup.args.verifier,
+            "samples_per_problem": setup.args.rollout_n,
             "negatives_per_problem": args.negatives_per_problem,
             "num_rollouts": args.num_rollouts,
             "best_of": args.best_of,
             "step_split": args.step_split,
         }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20], key
-
-    def _seed(self) -> int:
-        return self.args.seed if self.rollout_args.rollout_seed is None else self.rollout_args.rollout_seed
 
     def build_records(self, problems: list[dict], name: str) -> list[dict]:
-        """Per-step records of ``problems`` from the starting model: from the cache, else sampled (main
-        process) and cached; every process gets the same records."""
-        from alignkit.negatives import write_jsonl
-        from alignkit.perstep_pipeline import build_perstep_records
-        from alignkit.reference_samples import on_main_process
+        """Per-step records of ``problems`` from the starting model: from the cache, else sampled by the main
+        process and cached (:mod:`alignkit.cache`); every process gets the same records."""
+        directory = self.args.records_cache_dir or os.path.join(self.args.output_dir, "perstep_records")
+        entry = CacheEntry.named(directory, name, self.records_cache_key(problems), ".jsonl")
+        report = {}
 
-        fingerprint, key = self._records_fingerprint(problems, name)
-        directory = Path(self.args.records_cache_dir or os.path.join(self.args.output_dir, "perstep_records"))
-        path = directory / f"{name}-{fingerprint}.jsonl"
-
-        def load_or_build():
-            if path.exists():
-                logger.info("per-step %s: records from %s", name, path)
-                return [row for _, row in read_json_lines(path)]
+        def build():
             model = self.accelerator.unwrap_model(self.ref_model if self.ref_model is not None else self.model)
-            engine = self._engine if self._engine is not None else self.rollout_args.engine(model, self.tokenizer)
-            if self._engine is not None:
-                engine.sync_weights(model)
-            verifier = self._verifier or self.rollout_args.make_verifier()
-            sampling = self.rollout_args.sampling(seed=self._seed())
-            value_sampling = self.rollout_args.sampling(seed=self._seed() + 1)
-            records, report = build_perstep_records(
-                engine, verifier, problems, tokenizer=self.tokenizer, samples_per_problem=self.rollout_args.rollout_n,
-                negatives_per_problem=self.args.negatives_per_problem, sampling=sampling, value_sampling=value_sampling,
+            records, built = build_perstep_records(
+                self.rollout.engine(model), self.rollout.verifier(), problems, tokenizer=self.tokenizer,
+                samples_per_problem=self.rollout.args.rollout_n, negatives_per_problem=self.args.negatives_per_problem,
+                sampling=self.rollout.sampling(0), value_sampling=self.rollout.sampling(1),
                 num_rollouts=self.args.num_rollouts, best_of=self.args.best_of, split=self.args.step_split,
-                num_workers=self.rollout_args.verifier_num_workers,
+                num_workers=self.rollout.args.verifier_num_workers,
             )
-            write_jsonl(records, path)
-            path.with_suffix(".json").write_text(json.dumps({"key": key, "report": report}, indent=2))
+            report.update(built)
             return records
 
-        records = on_main_process(load_or_build)
-        report_path = path.with_suffix(".json")
-        if report_path.exists():
-            self.build_reports[name] = json.loads(report_path.read_text()).get("report", {})
-        self.accelerator.wait_for_everyone()
+        records = cached(entry, build, read=read_jsonl, write=write_jsonl, extra=lambda: {"report": report},
+                         what=f"per-step records ({name})")
+        stored = entry.stored()
+        self.build_reports[name] = (stored or {}).get("report", report)
         return records
 
     # ----------------------------------------------------------------------------------------- loss

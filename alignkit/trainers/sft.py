@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from alignkit.negatives import distinct_completions
 from alignkit.trainers.base import AlignConfig, AlignTrainer
 
 
@@ -40,6 +41,27 @@ class SFTTrainer(AlignTrainer):
         return loss, {"loss/sft": loss.detach(), "logps/response": policy.logps.detach().mean()}
 
 
+def finetune(model, tokenizer, records, output_dir: str, *, batch_size: int, learning_rate: float,
+             epochs: float | None = None, max_steps: int | None = None, logging_steps: int | None = None,
+             logging_first_step: bool = False, **config) -> list[float]:
+    """Fine-tune ``model`` in place on (prompt, response) ``records`` with :class:`SFTTrainer` for ``epochs``
+    (or ``max_steps``) and return the logged training loss (token-mean NLL) of every logging interval
+    (``logging_steps``; default one interval per epoch). ``config`` goes to :class:`SFTConfig` (schedule,
+    warmup, weight decay, seed, max_length, ...). Nothing is saved: the caller saves the model it keeps."""
+    if (epochs is None) == (max_steps is None):
+        raise ValueError("give epochs or max_steps")
+    steps_per_epoch = -(-len(records) // batch_size)
+    defaults = dict(save_strategy="no", report_to="none", disable_tqdm=True, max_length=256)
+    args = SFTConfig(output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+                     num_train_epochs=epochs if epochs is not None else 1, max_steps=max_steps if max_steps else -1,
+                     logging_steps=logging_steps or steps_per_epoch, logging_first_step=logging_first_step,
+                     **{**defaults, **config})
+    trainer = SFTTrainer(model=model, args=args, train_dataset=list(records), processing_class=tokenizer)
+    trainer.train()
+    model.eval()
+    return [h["loss/sft"] for h in trainer.state.log_history if "loss/sft" in h]
+
+
 def sft_records(problems, field_name: str = "solution") -> list[dict]:
     """Problems with a gold ``solution`` -> SFT records (``prompt``, ``response``)."""
     return [{"prompt": p["prompt"], "response": p[field_name]} for p in problems]
@@ -49,8 +71,6 @@ def rft_records(verified_rows, per_prompt: int | None = None) -> list[dict]:
     """Rejection-sampling fine-tuning data: the distinct verified-correct completions of each prompt
     (at most ``per_prompt``) as SFT records. ``verified_rows`` come from
     :func:`alignkit.negatives.verify_rollouts`."""
-    from alignkit.negatives import distinct_completions
-
     return [
         {"prompt": row["prompt"], "response": c["text"]}
         for row in verified_rows
