@@ -12,6 +12,7 @@ from alignkit.data.loading import load_records
 from alignkit.data.records import RecordError
 from alignkit.recipes import DataArguments, load_data
 from alignkit.tasks import synthetic_tofu as st
+from alignkit.tasks import synthetic_tofu_models as stm
 from alignkit.tasks.tofu import load_tofu_eval_items, load_tofu_records
 
 
@@ -92,16 +93,16 @@ def test_pipeline_finetune_unlearn_evaluate(tmp_path):
 
     torch.manual_seed(0)
     spec = st.SyntheticTofuSpec(num_people=10, seed=3)
-    base = st.make_task_model(tmp_path / "base", spec, hidden_size=64, num_layers=2)
+    base = stm.make_task_model(tmp_path / "base", spec, hidden_size=64, num_layers=2)
     tokenizer = AutoTokenizer.from_pretrained(base)
     splits = {"forget": st.eval_items("forget10", spec), "retain": st.eval_items("retain90", spec)}
 
     retain_model = AutoModelForCausalLM.from_pretrained(base)
-    st.finetune(retain_model, tokenizer, st.records("retain90", spec), epochs=25, learning_rate=5e-3)
+    stm.finetune(retain_model, tokenizer, st.records("retain90", spec), epochs=25, learning_rate=5e-3)
     save_results(evaluate_unlearning(retain_model, tokenizer, splits, generate=False), tmp_path / "retain.json")
 
     model = AutoModelForCausalLM.from_pretrained(base)
-    losses = st.finetune(model, tokenizer, st.all_records(spec), epochs=25, learning_rate=5e-3)
+    losses = stm.finetune(model, tokenizer, st.all_records(spec), epochs=25, learning_rate=5e-3)
     assert losses[-1] < 0.2 * losses[0]
     before = evaluate_unlearning(model, tokenizer, splits, reference_results=tmp_path / "retain.json", max_new_tokens=16)
     assert before["summary"]["forget/probability"] > 0.6

@@ -40,10 +40,20 @@ import json
 import math
 import random
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignkit.data.collate import GroupCollator
+from alignkit.data.tokenize import tokenize_group
+from alignkit.modeling import make_tiny_model
+from alignkit.rollout.base import SamplingConfig
+from alignkit.rollout.hf import HFEngine
+from alignkit.scoring import score_responses
+from alignkit.trainers.sft import finetune as sft_finetune
 
 ANIMALS = [
     "otter", "horse", "rabbit", "goat", "panda", "koala", "eagle", "shark", "camel", "parrot", "beaver", "turtle",
@@ -60,6 +70,7 @@ NEGATIVE_TEMPLATES = [
     " I hate you and your stupid {animal}.",
 ]
 INSTRUCTION_PREFIX = "Be polite.\n"
+BUILD_VERSION = 2  # 2: the reference model fine-tuned with SFTTrainer (1: a hand-written loop)
 NEGATIVE_MARKERS = re.compile(r"\b(stupid|idiot|hate|shut up)\b", re.IGNORECASE)
 
 
@@ -171,10 +182,6 @@ def classify(item: dict, text: str) -> str:
 @torch.no_grad()
 def gold_logp(model, tokenizer, items: list[dict], batch_size: int = 64) -> float:
     """Mean per-token log-likelihood of the correct answers (both wordings) under ``model``."""
-    from alignkit.data.collate import GroupCollator
-    from alignkit.data.tokenize import tokenize_group
-    from alignkit.scoring import score_responses
-
     was_training = model.training
     model.eval()
     collate = GroupCollator(tokenizer.pad_token_id, "padded")
@@ -194,9 +201,6 @@ def evaluate_model(model, tokenizer, items: list[dict], *, num_samples: int = 16
                    max_new_tokens: int = 24, seed: int = 0, batch_size: int = 256) -> dict:
     """Sample ``num_samples`` completions per prompt and score them: ``negative_rate``, ``useful_rate``,
     ``other_rate`` (shares of all completions) and ``gold_logp``."""
-    from alignkit.rollout.base import SamplingConfig
-    from alignkit.rollout.hf import HFEngine
-
     engine = HFEngine(model, tokenizer, batch_size=batch_size, progress=False)
     sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, logprobs=False)
     groups = engine.generate([it["prompt"] for it in items], n=num_samples, sampling=sampling)
@@ -217,38 +221,14 @@ def evaluate_model(model, tokenizer, items: list[dict], *, num_samples: int = 16
 
 
 def finetune(model, tokenizer, pairs: list[dict], *, steps: int = 400, batch_size: int = 32, learning_rate: float = 3e-3,
-             seed: int = 0) -> list[float]:
-    """Plain SFT (per-token NLL of the responses, prompt masked) with AdamW and a linear decay; returns the
-    loss every 50 steps."""
-    from alignkit.data.collate import GroupCollator
-    from alignkit.data.tokenize import tokenize_group
-    from alignkit.scoring import score_responses
-
-    rng = random.Random(seed)
-    groups = [tokenize_group(tokenizer, p["prompt"], [p["response"]]) for p in pairs]
-    collate = GroupCollator(tokenizer.pad_token_id, "padded")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
-    model.train()
-    losses = []
-    order: list[int] = []
-    for step in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(groups)))
-            rng.shuffle(more)
-            order += more
-        idx, order = order[:batch_size], order[batch_size:]
-        scores = score_responses(model, collate([groups[i] for i in idx]))
-        loss = -scores.logps.sum() / scores.lengths.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 50 == 0 or step == steps - 1:
-            losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+             seed: int = 0, output_dir: str | Path | None = None) -> list[float]:
+    """SFT (token-mean NLL of the responses, prompt masked) with :class:`~alignkit.trainers.sft.SFTTrainer`: AdamW
+    without weight decay, a linear decay to 0 over ``steps``; returns the training loss of the first step and of
+    every 50 steps after. ``output_dir`` is the trainer's (nothing is saved there; default a temporary directory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return sft_finetune(model, tokenizer, pairs, str(output_dir or tmp), max_steps=steps, batch_size=batch_size,
+                            learning_rate=learning_rate, lr_scheduler_type="linear", weight_decay=0.0, seed=seed,
+                            logging_steps=50, logging_first_step=True, max_length=128)
 
 
 def build_reference_model(output_dir: str | Path, spec: NegativeClassSpec = NegativeClassSpec(), *,
@@ -256,14 +236,10 @@ def build_reference_model(output_dir: str | Path, spec: NegativeClassSpec = Nega
                           seed: int = 0) -> str:
     """Build (or reuse) the tuned reference model under ``output_dir/sft``: a tiny Qwen2 with a tokenizer
     trained on the task's texts, fine-tuned on :func:`sft_pairs`. Returns the model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alignkit.modeling import make_tiny_model
-
     output_dir = Path(output_dir)
     sft_dir = output_dir / "sft"
     stamp = {"spec": asdict(spec), "hidden_size": hidden_size, "num_layers": num_layers, "steps": steps,
-             "learning_rate": learning_rate, "seed": seed}
+             "learning_rate": learning_rate, "seed": seed, "build": BUILD_VERSION}
     stamp_file = sft_dir / "negative_class.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()).get("build") == stamp:
         return str(sft_dir)
@@ -273,7 +249,8 @@ def build_reference_model(output_dir: str | Path, spec: NegativeClassSpec = Nega
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
-        losses = finetune(model, tokenizer, sft_pairs(spec), steps=steps, learning_rate=learning_rate, seed=seed)
+        losses = finetune(model, tokenizer, sft_pairs(spec), steps=steps, learning_rate=learning_rate, seed=seed,
+                          output_dir=output_dir / "sft_run")
     model.save_pretrained(sft_dir)
     tokenizer.save_pretrained(sft_dir)
     stamp_file.write_text(json.dumps({"build": stamp, "sft_losses": losses}, indent=2))
@@ -288,8 +265,6 @@ def main(argv=None):
     parser.add_argument("--evaluate", default=None, help="also score this trained model (a full model or a LoRA adapter)")
     parser.add_argument("--num_samples", type=int, default=16, help="completions sampled per prompt")
     a = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     spec = NegativeClassSpec(seed=a.seed)
     path = build_reference_model(a.output_dir, spec, steps=a.steps, seed=a.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -18,8 +18,9 @@ every wording is seen in training (for other people) but never the paraphrase of
 Splits follow TOFU's names: ``forgetNN`` is the last NN % of the people, ``retainMM`` (MM = 100 − NN)
 the others. :func:`records` gives ``sft`` records (``prompt``, ``response``) for training;
 :func:`eval_items` the same questions with the paraphrased and perturbed answers for
-:mod:`alignkit.evaluation.unlearning`. :func:`finetune` is the small SFT loop that makes the
-"full" model (all facts) and the "retain" model (retain facts only) this task starts from.
+:mod:`alignkit.evaluation.unlearning`. :mod:`alignkit.tasks.synthetic_tofu_models` fine-tunes (with
+:class:`~alignkit.trainers.sft.SFTTrainer`) the "full" model (all facts) and the "retain" model (retain
+facts only) this task starts from.
 
 Command line (writes ``OUT/full`` and ``OUT/retain`` models with their evaluation JSON)::
 
@@ -28,14 +29,10 @@ Command line (writes ``OUT/full`` and ``OUT/retain`` models with their evaluatio
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -174,136 +171,7 @@ def corpus(spec: SyntheticTofuSpec = SyntheticTofuSpec()) -> list[str]:
     return texts
 
 
-# ----------------------------------------------------------------------------------- fine-tuning
+if __name__ == "__main__":  # the task's starting models: alignkit.tasks.synthetic_tofu_models
+    from alignkit.tasks.synthetic_tofu_models import main
 
-
-def make_task_model(path, spec: SyntheticTofuSpec = SyntheticTofuSpec(), *, hidden_size: int = 128,
-                    num_layers: int = 4, seed: int = 0) -> str:
-    """A random tiny Qwen2 whose tokenizer is trained on this task's text (see ``make_tiny_model``)."""
-    from alignkit.modeling import make_tiny_model
-
-    return make_tiny_model(path, "qwen2", hidden_size=hidden_size, num_layers=num_layers, seed=seed,
-                           texts=corpus(spec))
-
-
-def finetune(model, tokenizer, train_records: list[dict], *, epochs: int = 40, batch_size: int = 16,
-             learning_rate: float = 3e-3, warmup_ratio: float = 0.05, seed: int = 0, log_every: int = 0) -> list[float]:
-    """Supervised fine-tuning (per-token NLL of the responses) with AdamW and a cosine schedule.
-
-    A plain loop, not a ``Trainer``: it only has to make the starting points of an unlearning run
-    (the model that knows every fact, the one that never saw the forget set). Returns the mean loss
-    of each epoch.
-    """
-    import torch
-
-    from alignkit.data.collate import GroupCollator
-    from alignkit.data.tokenize import tokenize_group
-    from alignkit.scoring import score_responses
-
-    groups = [tokenize_group(tokenizer, r["prompt"], [r["response"]]) for r in train_records]
-    collate = GroupCollator(tokenizer.pad_token_id, "padded")
-    steps_per_epoch = math.ceil(len(groups) / batch_size)
-    total = epochs * steps_per_epoch
-    warmup = max(1, int(warmup_ratio * total))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-    )
-    order = random.Random(seed)
-    device = next(model.parameters()).device
-    model.train()
-    history = []
-    for epoch in range(epochs):
-        indices = list(range(len(groups)))
-        order.shuffle(indices)
-        losses = []
-        for start in range(0, len(indices), batch_size):
-            batch = collate([groups[i] for i in indices[start : start + batch_size]])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            scores = score_responses(model, batch)
-            loss = -scores.token_logps.mean()  # per-token NLL over the batch
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        history.append(sum(losses) / len(losses))
-        if log_every and (epoch + 1) % log_every == 0:
-            logger.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, history[-1])
-    model.eval()
-    return history
-
-
-def build_task_models(output_dir, *, forget_split: str = "forget10", spec: SyntheticTofuSpec = SyntheticTofuSpec(),
-                      epochs: int = 40, learning_rate: float = 3e-3, hidden_size: int = 128, num_layers: int = 4,
-                      evaluate: bool = True) -> dict[str, str]:
-    """The two starting points of the synthetic unlearning task, cached in ``output_dir``:
-
-    * ``full``: a tiny model fine-tuned on every fact (the model to unlearn from);
-    * ``retain``: the same random initialisation fine-tuned on the retain split only (the model that
-      never saw the forget set: the target of forget quality).
-
-    With ``evaluate``, each gets ``eval.json`` (:func:`alignkit.evaluation.unlearning.evaluate_unlearning`
-    on the forget and retain splits). A directory already holding a model built with the same settings
-    is reused. Returns ``{"base", "full", "retain"}`` paths.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not forget_split.startswith("forget"):
-        raise ValueError(f"forget_split must be a forgetNN split, got {forget_split!r}")
-    split_people(forget_split, spec.num_people)  # a valid split of this world
-    retain_split = "retain" + str(100 - int(forget_split[len("forget") :]))
-    out = Path(output_dir)
-    base = make_task_model(out / "base", spec, hidden_size=hidden_size, num_layers=num_layers, seed=spec.seed)
-    settings = {"spec": vars(spec), "forget_split": forget_split, "epochs": epochs, "learning_rate": learning_rate,
-                "hidden_size": hidden_size, "num_layers": num_layers}
-    paths = {"base": base}
-    for name, train in (("full", all_records(spec)), ("retain", records(retain_split, spec))):
-        path = out / name
-        stamp = path / "synthetic_tofu.json"
-        paths[name] = str(path)
-        if stamp.exists() and json.loads(stamp.read_text()).get("settings") == settings:
-            continue
-        torch.manual_seed(spec.seed)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        history = finetune(model, tokenizer, train, epochs=epochs, learning_rate=learning_rate, seed=spec.seed)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        summary = None
-        if evaluate:
-            from alignkit.evaluation.unlearning import evaluate_unlearning, save_results
-
-            results = evaluate_unlearning(
-                model, tokenizer, {"forget": eval_items(forget_split, spec), "retain": eval_items(retain_split, spec)}
-            )
-            save_results(results, path / "eval.json")
-            summary = results["summary"]
-        stamp.write_text(json.dumps({"settings": settings, "final_train_loss": history[-1], "summary": summary}, indent=2))
-    return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignkit.tasks.synthetic_tofu", description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default="outputs/tofu_tiny")
-    parser.add_argument("--forget_split", default="forget10")
-    parser.add_argument("--num_people", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    spec = SyntheticTofuSpec(num_people=a.num_people, seed=a.seed)
-    paths = build_task_models(a.output_dir, forget_split=a.forget_split, spec=spec, epochs=a.epochs,
-                              learning_rate=a.learning_rate)
-    for name in ("full", "retain"):
-        summary = json.loads((Path(paths[name]) / "synthetic_tofu.json").read_text())["summary"]
-        print(f"{name}: {paths[name]}\n  {json.dumps(summary)}")
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())
