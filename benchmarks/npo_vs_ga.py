@@ -6,7 +6,7 @@
 1. Build (or reuse, cached in OUTPUT_DIR/models) the task's two starting points: a tiny Qwen2
    (hidden 128, 4 layers) fine-tuned on every fact ("full") and the same initialisation fine-tuned on
    the retain split only ("retain", the model that never saw the forget set); see
-   :mod:`alignkit.tasks.synthetic_tofu`.
+   :mod:`alignkit.tasks.synthetic_tofu_models`.
 2. Unlearn the forget split (forget10: 4 of 40 people, 20 QA pairs) from the full model with each
    method and each learning rate, for ``--steps`` optimizer steps (batch 4 forget + 4 retain examples,
    constant learning rate, AdamW), evaluating every ``--eval_every`` steps:
@@ -199,13 +199,13 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     from alignkit.evaluation.unlearning import load_results
-    from alignkit.tasks import synthetic_tofu
+    from alignkit.tasks import synthetic_tofu, synthetic_tofu_models
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()
     out = Path(a.output_dir)
     t0 = time.perf_counter()
-    paths = synthetic_tofu.build_task_models(out / "models", forget_split=a.forget_split)
+    paths = synthetic_tofu_models.build_task_models(out / "models", forget_split=a.forget_split)
     print(f"task models ready in {time.perf_counter() - t0:.0f}s: {paths['full']}, {paths['retain']}")
     spec = synthetic_tofu.SyntheticTofuSpec()
     forget_items = synthetic_tofu.eval_items(a.forget_split, spec)
