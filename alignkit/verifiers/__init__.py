@@ -6,13 +6,7 @@ Built-in names: ``math`` (:class:`~alignkit.verifiers.math.MathVerifier`), ``mat
 ``register_verifier(name, fn)`` is wrapped in a :class:`CallableVerifier`.
 """
 
-from alignkit.verifiers.base import (
-    CallableVerifier,
-    Verdict,
-    Verifier,
-    get_verifier,
-    register_verifier,
-    registered_verifiers,
-)
+from alignkit.verifiers.base import CallableVerifier, Verdict, Verifier, register_verifier
+from alignkit.verifiers.registry import get_verifier, registered_verifiers
 
 __all__ = ["CallableVerifier", "Verdict", "Verifier", "get_verifier", "register_verifier", "registered_verifiers"]

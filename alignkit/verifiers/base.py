@@ -32,7 +32,6 @@ big-integer power, say) runs to its end before the timeout is raised.
 from __future__ import annotations
 
 import atexit
-import inspect
 import json
 import logging
 import math
@@ -368,18 +367,6 @@ def register_verifier(name: str, factory: Callable | Verifier | None = None):
     return add(factory) if factory is not None else add
 
 
-def _is_check_function(fn: Callable) -> bool:
-    """Whether ``fn`` looks like ``fn(problem, completion)`` rather than a factory ``fn(**options)``."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature: assume a check function
-        return True
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [p for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
-    takes_varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
-    return len(required) >= 2 or takes_varargs
-
-
 class UnknownVerifierError(KeyError, ValueError):
     """No verifier is registered under the name asked for (a ``KeyError``, and a ``ValueError``: bad input)."""
 
@@ -389,38 +376,6 @@ class UnknownVerifierError(KeyError, ValueError):
 
 class VerifierOptionError(TypeError, ValueError):
     """Options a verifier does not take (a ``TypeError``, and a ``ValueError``: bad input)."""
-
-
-def get_verifier(name: str, **kwargs) -> Verifier:
-    """The verifier registered under ``name``, built with ``kwargs``.
-
-    A registered check function is wrapped in a :class:`CallableVerifier` (``kwargs``: ``threshold``,
-    ``timeout``, ``num_workers``). :class:`UnknownVerifierError` (a ``KeyError``) naming the registered
-    verifiers for an unknown name; :class:`VerifierOptionError` (a ``TypeError``) for options it does not take.
-    """
-    from alignkit.verifiers import _load_builtin  # noqa: F401  (registers math, match, code)
-
-    if name not in _REGISTRY:
-        raise UnknownVerifierError(f"unknown verifier {name!r}; registered: {sorted(_REGISTRY)}")
-    entry = _REGISTRY[name]
-    if isinstance(entry, Verifier):
-        if kwargs:
-            raise VerifierOptionError(f"verifier {name!r} is a registered instance; it takes no options, got {sorted(kwargs)}")
-        return entry
-    try:
-        if isinstance(entry, type) and issubclass(entry, Verifier):
-            return entry(**kwargs)
-        if _is_check_function(entry):
-            return CallableVerifier(entry, name=name, **kwargs)
-        verifier = entry(**kwargs)
-    except TypeError as e:  # an option it does not take (or of the wrong type)
-        raise VerifierOptionError(f"verifier {name!r}: {e}") from None
-    if not isinstance(verifier, Verifier):
-        raise TypeError(
-            f"the factory registered as {name!r} returned {type(verifier).__name__}, not a Verifier; "
-            "register a check function fn(problem, completion) or a factory returning a Verifier"
-        )
-    return verifier
 
 
 def parse_verifier_options(items: list[str]) -> dict:
@@ -436,9 +391,3 @@ def parse_verifier_options(items: list[str]) -> dict:
         except json.JSONDecodeError:
             options[key] = value
     return options
-
-
-def registered_verifiers() -> list[str]:
-    from alignkit.verifiers import _load_builtin  # noqa: F401
-
-    return sorted(_REGISTRY)
