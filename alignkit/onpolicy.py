@@ -111,7 +111,7 @@ def state_key(*, trainer_cls, config, model, problems: Sequence[dict], setup: Ro
         "sampling": setup.sampling(0).to_dict(),
         "rollout_n": setup.args.rollout_n,
         "backend": setup.backend,
-        "verifier": setup.args.verifier,
+        "verifier": setup.verifier_name,
         "training": {k: getattr(config, k, None) for k in TRAINING_KEYS},
     }
 
@@ -140,18 +140,19 @@ def run_onpolicy_rounds(
     resume: bool = False,
     round_plugins: Callable[[], dict] | None = None,
     rollout_engine=None,
+    verifier=None,
 ):
     """Run ``config.onpolicy_rounds`` rounds; returns the last round's trainer (or ``None``).
 
     ``build_records`` turns a round's verified rollout rows into the trainer's records (for DPO:
     :func:`alignkit.negatives.preference_pairs`). ``round_plugins()`` gives each round's trainer its
-    plug-ins (``aux_losses``, ``callbacks``: fresh ones per round); ``rollout_engine`` an engine to use
-    instead of building one from ``rollout_args``.
+    plug-ins (``aux_losses``, ``callbacks``: fresh ones per round); ``rollout_engine`` and ``verifier`` are
+    objects to use instead of building them from ``rollout_args``.
     """
     state_ = PartialState()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    setup = RolloutSetup(rollout_args, tokenizer, engine=rollout_engine, seed=config.seed)
+    setup = RolloutSetup(rollout_args, tokenizer, engine=rollout_engine, seed=config.seed, verifier=verifier)
     entry = CacheEntry(output_dir / STATE_FILE, state_key(trainer_cls=trainer_cls, config=config, model=model,
                                                            problems=problems, setup=setup))
     state = on_main_process(lambda: _read_state(entry, resume))

@@ -99,6 +99,13 @@ class RolloutSetup:
         return "injected" if self.injected else self.args.rollout_backend
 
     @property
+    def verifier_name(self) -> str:
+        """The verifier's name, as a cache key sees it (a verifier passed in: its ``name``)."""
+        if self._verifier is not None:
+            return str(getattr(self._verifier, "name", type(self._verifier).__name__))
+        return self.args.verifier
+
+    @property
     def built(self) -> bool:
         return self._engine is not None
 

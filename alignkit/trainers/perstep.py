@@ -265,7 +265,7 @@ class PerStepTrainer(AlignTrainer):
             "sampling": setup.sampling(0).to_dict(),
             "value_sampling": setup.sampling(1).to_dict(),
             "backend": setup.backend,
-            "verifier": setup.args.verifier,
+            "verifier": setup.verifier_name,
             "samples_per_problem": setup.args.rollout_n,
             "negatives_per_problem": args.negatives_per_problem,
             "num_rollouts": args.num_rollouts,
