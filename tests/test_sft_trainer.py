@@ -67,3 +67,23 @@ def test_rft_records_keep_distinct_correct_completions():
     assert rft_records(rows) == [{"prompt": "p1", "response": "a"}, {"prompt": "p1", "response": "c"},
                                  {"prompt": "p3", "response": "d"}]
     assert rft_records(rows, per_prompt=1) == [{"prompt": "p1", "response": "a"}, {"prompt": "p3", "response": "d"}]
+
+
+def test_a_term_missing_from_a_batch_is_left_out_of_the_logged_average(tiny_model_path, tokenizer, tmp_path):
+    """A method logs NaN for a term its batch does not have (e.g. no desirable example): the step's average
+    is over the batches that had it, not dragged to NaN or zero."""
+    records = sft_records(make_problems(4, seed=1))
+
+    class Sometimes(SFTTrainer):
+        calls = 0
+
+        def compute_batch_loss(self, model, batch):
+            loss, metrics = super().compute_batch_loss(model, batch)
+            Sometimes.calls += 1
+            return loss, {**metrics, "only/odd": torch.tensor(float(Sometimes.calls) if Sometimes.calls % 2 else float("nan"))}
+
+    trainer = Sometimes(model=load_tiny(tiny_model_path), args=_config(tmp_path, max_steps=4, logging_steps=4),
+                        train_dataset=records, processing_class=tokenizer)
+    trainer.train()
+    (logged,) = [h for h in trainer.state.log_history if "only/odd" in h]
+    assert logged["only/odd"] == pytest.approx((1 + 3) / 2)  # calls 1 and 3; calls 2 and 4 had no value

@@ -391,12 +391,13 @@ class AlignTrainer(CheckpointingMixin, Trainer):
                 value = term(self, model)
                 loss = loss + term.weight * value
                 metrics[f"loss/{term.name}"] = value.detach()
-        if metrics:
+        if metrics:  # a term a batch does not have is NaN: left out of the averages (across processes and steps)
             names = list(metrics)
             values = torch.stack([metrics[k].detach().float().reshape(()) for k in names])
-            values = self.accelerator.gather_for_metrics(values.unsqueeze(0)).mean(0)
+            values = self.accelerator.gather_for_metrics(values.unsqueeze(0)).nanmean(0)
             for k, v in zip(names, values.tolist()):
-                self._metrics[mode][k].append(v)
+                if v == v:
+                    self._metrics[mode][k].append(v)
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
