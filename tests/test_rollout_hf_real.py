@@ -31,6 +31,7 @@ def _teacher_forced(model, prompt_ids, token_ids):
     return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids) :, None]).squeeze(-1)
 
 
+@pytest.mark.slow  # about 30 s on a loaded 2-core machine (30 layers, ~60 decode steps, 5 teacher-forced checks)
 def test_chat_completion_ends_with_im_end_and_logprobs_match_teacher_forcing(smollm2):
     model, tok = smollm2
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
