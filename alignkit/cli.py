@@ -7,7 +7,7 @@
     alignkit evaluate --model M --suite evals/arithmetic.yaml --out preds.jsonl      one model's predictions
     alignkit flips --old O.jsonl --new N.jsonl [--max-nfr 0.02]    negative-flip report of a model update
     alignkit flips --old_model M1 --new_model M2 --suite S.yaml    ... generating both models' predictions
-    alignkit quickstart [--output_dir DIR]           offline end-to-end demo on a tiny model
+    alignkit quickstart [--output_dir DIR] [--tiny]  offline end-to-end demo on SmolLM2 (or a tiny model)
     alignkit tiny-model PATH [--arch qwen2|llama]    build a tiny offline model + tokenizer
 """
 
@@ -64,21 +64,30 @@ def _tiny_model(argv: list[str]) -> int:
 
 
 def _quickstart(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="alignkit quickstart")
-    parser.add_argument("--output_dir", default="outputs/quickstart")
+    parser = argparse.ArgumentParser(
+        prog="alignkit quickstart",
+        description="On-policy negatives end to end on SmolLM2-135M-Instruct (or --tiny: a tiny random model).")
+    parser.add_argument("--output_dir", help="default: outputs/quickstart (outputs/quickstart_tiny with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="the smoke pipeline on a tiny random model (with an SFT stage)")
     parser.add_argument("--fast", action="store_true", help="a smoke-test size: every stage runs, nothing is learnt well")
-    parser.add_argument("--sft_steps", type=int, help="override the SFT steps")
+    parser.add_argument("--sft_steps", type=int, help="--tiny: override the SFT steps")
     parser.add_argument("--update", choices=["dpo", "perstep"], default="dpo",
-                        help="dpo: on-policy (correct, incorrect) pairs; perstep: first-pit per-step DPO")
+                        help="--tiny: dpo (on-policy pairs) or perstep (first-pit per-step DPO)")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
     from dataclasses import replace
 
-    from alignkit.quickstart import QuickstartSettings, run_quickstart
+    from alignkit import quickstart
 
-    settings = QuickstartSettings.fast() if a.fast else QuickstartSettings()
+    if not a.tiny:
+        if a.sft_steps or a.update != "dpo":
+            parser.error("--sft_steps and --update apply to --tiny")
+        settings = quickstart.QuickstartSettings.fast() if a.fast else quickstart.QuickstartSettings()
+        quickstart.run_quickstart(a.output_dir or "outputs/quickstart", replace(settings, seed=a.seed))
+        return 0
+    settings = quickstart.TinyQuickstartSettings.fast() if a.fast else quickstart.TinyQuickstartSettings()
     settings = replace(settings, seed=a.seed, update=a.update, **({"sft_steps": a.sft_steps} if a.sft_steps else {}))
-    run_quickstart(a.output_dir, settings)
+    quickstart.run_tiny_quickstart(a.output_dir or "outputs/quickstart_tiny", settings)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""``alignkit quickstart --fast``: every stage runs on a tiny model and writes its outputs; the flip
-report agrees with the saved old/new predictions."""
+"""``alignkit quickstart --tiny --fast``: every stage runs on a tiny model and writes its outputs; the flip
+report agrees with the saved old/new predictions. The real-model quickstart: tests/test_quickstart_real.py."""
 
 import json
 
@@ -10,7 +10,7 @@ from alignkit.cli import main
 
 @pytest.mark.slow
 def test_quickstart_fast_runs_every_stage_and_the_flip_report_matches_the_predictions(tmp_path, capsys):
-    assert main(["quickstart", "--fast", "--output_dir", str(tmp_path)]) == 0
+    assert main(["quickstart", "--tiny", "--fast", "--output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for k in range(1, 8):
         assert f"[{k}/7]" in out
