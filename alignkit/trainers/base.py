@@ -172,7 +172,7 @@ class AlignTrainer(CheckpointingMixin, Trainer):
         self.tokenizer = processing_class
         self.group_collator = GroupCollator(processing_class.pad_token_id, args.score_layout,
                                             extra_fields=dict(self.extra_fields))
-        collator = kwargs.pop("data_collator", None) or self.make_collator(self.group_collator)
+        collator = kwargs.pop("data_collator", None) or self.make_collator(self.group_collator, args)
         # the raw data goes to Trainer only for its argument checks; build_split replaces it below
         super().__init__(
             model=model,
@@ -217,8 +217,9 @@ class AlignTrainer(CheckpointingMixin, Trainer):
         """Extra fields of a record's group (numbers the loss reads; see ``extra_fields``)."""
         return {}
 
-    def make_collator(self, group_collator: GroupCollator):
-        """The training collator, from the group collator (a method wraps it to add batch fields)."""
+    def make_collator(self, group_collator: GroupCollator, args: AlignConfig):
+        """The training collator, from the group collator (a method wraps it to add batch fields); called before
+        ``Trainer.__init__``, so the settings come as ``args``."""
         return group_collator
 
     def compute_batch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

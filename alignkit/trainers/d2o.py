@@ -204,7 +204,7 @@ class D2OTrainer(AlignTrainer):
     def group_responses(self, record):
         return list(record["samples"][: self.args.num_samples]) + [record["rejected"]]
 
-    def make_collator(self, group_collator):
+    def make_collator(self, group_collator, args):
         return VersionedCollator(group_collator)
 
     @staticmethod

@@ -138,7 +138,7 @@ class NPOTrainer(AlignTrainer):
     def group_responses(self, record):
         return [record["response"]]
 
-    def make_collator(self, group_collator):
+    def make_collator(self, group_collator, args):
         return ForgetRetainCollator(group_collator)
 
     @property
