@@ -220,3 +220,46 @@ def advantage_weighted_loss(
         kl = (torch.exp(d) - d - 1).sum() / denom
         loss = loss + kl_coef * kl
     return AdvantageWeightedLoss(loss, weighted.detach(), kl.detach())
+
+
+# ---------------------------------------------------------------------------------------------------
+# KTO: unpaired desirable and undesirable responses
+
+
+class KTOLoss(NamedTuple):
+    losses: torch.Tensor  # [N] per-example loss, weighted by λ_D (desirable) or λ_U (undesirable)
+    rewards: torch.Tensor  # [N] β·r(y), detached
+    reference_point: torch.Tensor  # [] z_ref = max(0, KL estimate), detached
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_estimate: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOLoss:
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic
+    Optimization", arXiv:2402.01306, Eq. 7-8), in the form ``trl.KTOTrainer`` computes (``loss_type='kto'``).
+
+    With r(y) = log πθ(y|x) − log π_ref(y|x) and the reference point z_ref = max(0, KL estimate), detached
+    (no gradient flows through it):
+
+    * desirable y (``desirable`` true):   λ_D · (1 − σ(β·(r(y) − z_ref)))
+    * undesirable y:                      λ_U · (1 − σ(β·(z_ref − r(y))))
+
+    ``kl_estimate`` is the estimate of KL(πθ ‖ π_ref) from mismatched pairs: the mean over pairs (x_i, y_j),
+    j ≠ i, of log πθ(y_j|x_i) − log π_ref(y_j|x_i) (TRL: each completion of a batch with the previous
+    example's prompt; averaged over the processes before it is passed here). The batch loss is the mean of
+    ``losses`` over all examples, desirable and undesirable together (TRL: ``losses.nanmean()``).
+    """
+    desirable = desirable.to(torch.bool)
+    reference_point = kl_estimate.detach().clamp(min=0)
+    logratios = policy_logps - ref_logps
+    values = torch.where(desirable, 1 - torch.sigmoid(beta * (logratios - reference_point)),
+                         1 - torch.sigmoid(beta * (reference_point - logratios)))
+    weights = torch.where(desirable, torch.full_like(values, desirable_weight), torch.full_like(values, undesirable_weight))
+    return KTOLoss(weights * values, (beta * logratios).detach(), reference_point)

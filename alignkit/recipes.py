@@ -47,6 +47,7 @@ METHODS = {
     "d2o": ("alignkit.trainers.d2o", "D2OConfig", "D2OTrainer"),
     "sft": ("alignkit.trainers.sft", "SFTConfig", "SFTTrainer"),
     "perstep": ("alignkit.trainers.perstep", "PerStepConfig", "PerStepTrainer"),
+    "kto": ("alignkit.trainers.kto", "KTOConfig", "KTOTrainer"),
 }
 SYNTHETIC_PREFIX = "synthetic:"
 

@@ -8,7 +8,7 @@ Deselect with ``-m "not real_model"`` on a machine without the wheel; CI runs th
   prompt; prompt + response as the full conversation), the response ending with ``<|im_end|>``;
 * each trainer takes 2 LoRA steps with the first step's metrics at their closed-form values (a fresh LoRA
   adapter leaves the policy equal to the reference: DPO/D2O/first-pit loss ln 2, rewards 0, NPO loss
-  2·ln 2/β), and the saved adapter loads back onto the base to the same logits.
+  2·ln 2/β, KTO loss 1/2 with a KL reference point of 0), and the saved adapter loads back onto the base to the same logits.
 """
 
 import math
@@ -160,3 +160,19 @@ def test_perstep_first_pit_two_lora_steps(smollm2, tmp_path):
                              processing_class=tokenizer, peft_config=LORA)
     first = _first_and_reload(trainer, tmp_path, tokenizer)
     assert first["loss"] == pytest.approx(LN2, abs=1e-4)
+
+
+def test_kto_two_lora_steps(smollm2, tmp_path):
+    """KTO from preference pairs unpaired into desirable / undesirable examples: a fresh adapter leaves the
+    policy equal to the reference, so every log-ratio is 0, the KL reference point is 0 and the first loss is
+    1 − σ(0) = 0.5 (λ_D = λ_U = 1)."""
+    from alignkit.trainers.kto import KTOConfig, KTOTrainer
+
+    model, tokenizer = _fresh(smollm2)
+    trainer = KTOTrainer(model=model, args=_config(KTOConfig, tmp_path, per_device_train_batch_size=4),
+                         train_dataset=make_chat_preference_pairs(2),
+                         processing_class=tokenizer, peft_config=LORA)
+    assert trainer.reference_mode == "adapter" and trainer.train_dataset["label"] == [1.0, 1.0, 0.0, 0.0]
+    first = _first_and_reload(trainer, tmp_path, tokenizer)
+    assert first["loss"] == pytest.approx(0.5, abs=1e-5) and first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/rejected"] == pytest.approx(0, abs=1e-5)
