@@ -1,7 +1,7 @@
 """``CheckpointingMixin``: a ``transformers.Trainer`` whose checkpoints are complete or absent, that
 resumes from the newest complete one, holds its output directory, and checks it before training.
 
-Mixed in before ``Trainer`` (``class AlignTrainer(CheckpointingMixin, Trainer)``), it changes four things:
+Mixed in before ``Trainer`` (``class AlignTrainer(CheckpointingMixin, Trainer)``), it changes five things:
 
 * ``_save_checkpoint``: ``Trainer`` writes the checkpoint into a staging directory
   (``_get_output_dir`` points there during the save); the main process then adds the files registered
@@ -11,6 +11,8 @@ Mixed in before ``Trainer`` (``class AlignTrainer(CheckpointingMixin, Trainer)``
   inside the staging directory, where it has nothing to delete. A save that fails (a full disk) removes
   its staging directory and raises :class:`~alignkit.checkpoints.CheckpointError` naming the newest
   complete checkpoint.
+* ``save_model``: every saved model or adapter (the final one and each checkpoint's) gets a model card,
+  ``README.md`` (:mod:`alignkit.model_card`), written after peft's blank template, which it replaces.
 * ``train``: ``resume_from_checkpoint=True`` / ``"auto"`` takes the newest *complete* checkpoint (skipped
   ones are logged with the reason), an explicit path must be complete; before anything else the main
   process takes the output directory's lock (:mod:`alignkit.output_dir`; released when ``train``
@@ -90,6 +92,28 @@ class CheckpointingMixin:
         writers.append(writer)
 
     # ------------------------------------------------------------------------------------ saving
+
+    def __init__(self, *args, **kwargs):
+        # the datasets as given (paths, hub ids, loaded records), for the model card; the trainer replaces them
+        from alignkit.model_card import describe_source
+
+        self._card_sources = {"train": describe_source(kwargs.get("train_dataset")),
+                              "eval": describe_source(kwargs.get("eval_dataset"))}
+        super().__init__(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, then the model card (:mod:`alignkit.model_card`) on the main process,
+        replacing the blank template peft writes next to an adapter. A card that cannot be built is a
+        warning: it never fails the save."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            from alignkit.model_card import write_model_card
+
+            try:
+                write_model_card(self, output_dir or self.args.output_dir)
+            except Exception as e:  # noqa: BLE001 - the weights are saved; the card is documentation
+                logger.warning("no model card written to %s: %s: %s", output_dir or self.args.output_dir,
+                               type(e).__name__, e)
 
     def _get_output_dir(self, trial) -> str:
         staging = self._checkpoint_staging_root
