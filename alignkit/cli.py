@@ -1,12 +1,14 @@
 """``alignkit`` command line.
 
     alignkit train RECIPE.yaml [--key value ...]     train with a recipe (also: accelerate launch -m alignkit train ...)
+    alignkit train METHOD [--key value ...]          ... with the method's defaults; alignkit train [METHOD] --help
     alignkit rollout --model M --prompts P.jsonl -n 8 --out R.jsonl    sample n completions per prompt
     alignkit verify --verifier math --input R.jsonl --out V.jsonl      label completions, print a summary
     alignkit serve --model M [--enable_lora]         start a vLLM OpenAI-compatible server (GPU)
     alignkit evaluate --model M --suite evals/arithmetic.yaml --out preds.jsonl      one model's predictions
     alignkit flips --old O.jsonl --new N.jsonl [--max-nfr 0.02]    negative-flip report of a model update
     alignkit flips --old_model M1 --new_model M2 --suite S.yaml    ... generating both models' predictions
+    alignkit unlearning-eval --model M --data DIR --out R.json       TOFU metrics (open-unlearning's definitions)
     alignkit quickstart [--output_dir DIR] [--tiny]  offline end-to-end demo on SmolLM2 (or a tiny model)
     alignkit tiny-model PATH [--arch qwen2|llama]    build a tiny offline model + tokenizer
 """
@@ -14,29 +16,140 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+from pathlib import Path
+
+from alignkit.cli_errors import (  # noqa: F401 - the exit codes and checks, also alignkit.cli's API
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    EXIT_GATE_FAILED,
+    UsageError,
+    check_verifier_name,
+    is_input_error,
+)
+
+TRAIN_USAGE = "usage: alignkit train RECIPE.yaml|METHOD [--key value ...]   (alignkit train [METHOD] --help: the keys)"
 
 
 def _train(argv: list[str]) -> int:
-    if not argv or argv[0].startswith("-"):
-        print("usage: alignkit train RECIPE.yaml [--key value ...]", file=sys.stderr)
-        return 2
+    from alignkit.recipes import METHODS
+
+    help_asked = any(a in ("-h", "--help") for a in argv)
+    target = argv[0] if argv and not argv[0].startswith("-") else None
+    if help_asked:
+        print(train_help(_recipe_method(target) if target else None))
+        return 0
+    if target is None:
+        raise UsageError(f"a recipe file or a method ({', '.join(METHODS)}) comes first; {TRAIN_USAGE}")
     from alignkit.output_dir import locked_output_dir
     from alignkit.recipes import parse_recipe, run_recipe
 
     import yaml
 
+    as_method = target in METHODS and not Path(target).exists()
+    if not as_method and not Path(target).exists():
+        from alignkit.did_you_mean import did_you_mean
+
+        hint = did_you_mean(target, METHODS)
+        raise UsageError(f"no recipe file {target!r}" + (hint.replace("did you mean", "did you mean the method") if hint
+                                                          else f" (a recipe file, or a method: {', '.join(METHODS)})"))
     try:
-        method, config, *rest = parse_recipe(argv[0], argv[1:])
+        recipe = parse_recipe(None, argv[1:], method=target) if as_method else parse_recipe(target, argv[1:])
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ValueError(f"{argv[0]}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+        raise ValueError(f"{target}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    method, config, model_args, data_args, rollout_args, *_ = recipe
+    check_model_source(model_args.model_name_or_path, getattr(model_args, "gguf_file", None))
+    if getattr(config, "onpolicy_rounds", 0) or method == "perstep":
+        check_verifier_name(rollout_args.verifier)
     # one writer per output_dir, from before the model loads until the final model is saved
     with locked_output_dir(config.output_dir, is_main=config.process_index == 0, num_processes=config.world_size):
-        run_recipe(method, config, *rest)
+        trainer = run_recipe(*recipe)
+    if config.process_index == 0:
+        print(saved_message(config.output_dir, trainer))
     _close_process_group()
     return 0
+
+
+def _recipe_method(target: str) -> str:
+    """The method of ``alignkit train TARGET --help``: TARGET itself, or the ``method`` of a recipe file."""
+    from alignkit.recipes import METHODS
+
+    if target in METHODS and not Path(target).exists():
+        return target
+    import yaml
+
+    raw = yaml.safe_load(Path(target).read_text()) or {}
+    method = raw.get("method") if isinstance(raw, dict) else None
+    if method not in METHODS:
+        from alignkit.did_you_mean import did_you_mean
+
+        raise ValueError(f"{target}: the recipe's method {method!r} is not one of {', '.join(METHODS)}"
+                         + did_you_mean(str(method), METHODS))
+    return method
+
+
+def _field_lines(cls, skip: set[str] = frozenset()) -> list[str]:
+    import dataclasses
+
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            "(computed)" if f.default_factory is dataclasses.MISSING else f.default_factory())
+        text = " ".join(str(f.metadata.get("help", "")).split())
+        lines.append(f"  --{f.name} (default {default!r})" + (f": {text}" if text else ""))
+    return lines
+
+
+def train_help(method: str | None = None) -> str:
+    """``alignkit train [METHOD] --help``: the recipe keys (= ``--key`` options) with their help: the
+    method's own (every method's without one), then the model, data, rollout and plug-in keys."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from alignkit.compatibility import CompatArguments
+    from alignkit.evaluation.flip_guard import FlipGuardArguments
+    from alignkit.modeling import ModelArguments
+    from alignkit.recipes import METHODS, DataArguments, method_classes
+    from alignkit.rollout.arguments import RolloutArguments
+
+    from alignkit.trainers.base import AlignConfig
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    shared = {f.name for f in dataclasses.fields(AlignConfig)}
+    out = [TRAIN_USAGE, "",
+           "A recipe is a YAML mapping of these keys (plus 'method'); each is also a --key value override.", ""]
+    if method is None:
+        out += [f"methods: {', '.join(METHODS)}", "", "every method (AlignConfig):", *_field_lines(AlignConfig, base), ""]
+    for name in [method] if method else list(METHODS):
+        config_cls, trainer_cls = method_classes(name)
+        out += [f"method {name} ({config_cls.__name__}, {trainer_cls.__name__}):",
+                *_field_lines(config_cls, base | (shared if method is None else set())), ""]
+    for title, cls in (("model", ModelArguments), ("data", DataArguments), ("rollout and verification", RolloutArguments),
+                       ("compatibility term (plug-in)", CompatArguments), ("flip guard (plug-in)", FlipGuardArguments)):
+        out += [f"{title} ({cls.__name__}):", *_field_lines(cls), ""]
+    out.append(f"and every transformers.TrainingArguments field ({len(base)}: learning_rate, num_train_epochs, "
+               "per_device_train_batch_size, output_dir, save_steps, report_to, ...).")
+    return "\n".join(out)
+
+
+def saved_message(output_dir: str, trainer=None) -> str:
+    """The line ``alignkit train`` ends with: what was saved where."""
+    directory = Path(output_dir)
+    if (directory / "adapter_config.json").exists():
+        what = "LoRA adapter"
+    elif (directory / "config.json").exists():
+        what = "model"
+    else:
+        return f"alignkit train: done; nothing saved in {directory} (no final model: see the log above)"
+    card = " and model card README.md" if (directory / "README.md").exists() else ""
+    return f"alignkit train: saved the {what}, tokenizer{card} to {directory.resolve()}"
 
 
 def _close_process_group() -> None:
@@ -242,6 +355,7 @@ def _verify(argv: list[str]) -> int:
     from alignkit.verifiers import get_verifier
     from alignkit.verifiers.base import parse_verifier_options
 
+    check_verifier_name(a.verifier)  # a mistyped name before the input is read
     rows, lines = read_numbered_rollouts(a.input)  # every row checked before anything is verified or written
     try:
         options = parse_verifier_options(a.verifier_option)
@@ -251,7 +365,7 @@ def _verify(argv: list[str]) -> int:
     check_problems(rows, verifier, source=a.input, row_numbers=lines)  # no gold answer: an error, not a negative
     completion_warnings(rows, where=a.input)
     start = time.perf_counter()
-    rows = verify_rollouts(rows, verifier, num_workers=a.num_workers, source=a.input, row_numbers=lines)
+    rows = verify_with_progress(rows, lines, verifier, num_workers=a.num_workers, source=a.input)
     stats = RolloutStats.of(rows, seconds=time.perf_counter() - start)
     write_jsonl(rows, a.out)
     summary = stats.to_dict()
@@ -271,6 +385,30 @@ def _verify(argv: list[str]) -> int:
     return 0
 
 
+def verify_with_progress(rows: list[dict], lines: list[int], verifier, *, num_workers=None, source: str,
+                         chunk_completions: int = 4096) -> list[dict]:
+    """``verify_rollouts`` in chunks of about ``chunk_completions`` completions, with a progress bar over the
+    completions on stderr (the verifier's worker pool stays up between chunks)."""
+    from tqdm.auto import tqdm
+
+    from alignkit.negatives import verify_rollouts
+
+    total = sum(len(r.get("completions") or ()) for r in rows)
+    out: list[dict] = []
+    with tqdm(total=total, desc=f"verify ({verifier.name})", unit="completion", file=sys.stderr) as bar:
+        start = 0
+        while start < len(rows):
+            end, size = start, 0
+            while end < len(rows) and (size == 0 or size + len(rows[end]["completions"]) <= chunk_completions):
+                size += len(rows[end]["completions"])
+                end += 1
+            out += verify_rollouts(rows[start:end], verifier, num_workers=num_workers, source=source,
+                                   row_numbers=lines[start:end])
+            bar.update(size)
+            start = end
+    return out
+
+
 def _flips(argv: list[str]) -> int:
     from alignkit.evaluation.flips_cli import flips_main
 
@@ -281,6 +419,12 @@ def _evaluate(argv: list[str]) -> int:
     from alignkit.evaluation.flips_cli import evaluate_main
 
     return evaluate_main(argv)
+
+
+def _unlearning_eval(argv: list[str]) -> int:
+    from alignkit.evaluation.unlearning import unlearning_main
+
+    return unlearning_main(argv)
 
 
 def _serve(argv: list[str]) -> int:
@@ -296,6 +440,7 @@ COMMANDS = {
     "serve": _serve,
     "evaluate": _evaluate,
     "flips": _flips,
+    "unlearning-eval": _unlearning_eval,
     "quickstart": _quickstart,
     "tiny-model": _tiny_model,
 }
@@ -303,9 +448,15 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0 if argv else EXIT_BAD_INPUT
+    if argv[0] not in COMMANDS:
+        from alignkit.did_you_mean import did_you_mean
+
+        print(f"alignkit: error: unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)} "
+              f"(commands: {', '.join(COMMANDS)}; alignkit --help)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     import logging
 
     # alignkit's own progress messages (round statistics, cache hits) on stderr; libraries keep theirs
@@ -329,46 +480,51 @@ def main(argv: list[str] | None = None) -> int:
             print(f"alignkit {argv[0]}: internal error (exit {EXIT_BUG}): this is a bug, please report it "
                   "with the traceback above", file=sys.stderr)
             return EXIT_BUG
-        message = " ".join(str(e).split()) or type(e).__name__  # bad input: one line, not a traceback
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError quotes its message
+        message = " ".join(text.split()) or type(e).__name__  # bad input: one line, not a traceback
         print(f"alignkit {argv[0]}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
-# Exit codes of every command (README, "Exit codes"): 0 success, 1 a gate failed (alignkit flips
-# --max-nfr), 2 bad input or usage (argparse's own code too), 3 an internal error (a bug: traceback shown).
-EXIT_GATE_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_BUG = 3
-_INPUT_ERROR_MODULES = ("alignkit", "transformers.training_args", "transformers.hf_argparser", "yaml", "argparse")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def is_input_error(error: BaseException) -> bool:
-    """Whether ``error`` is about the command's input (exit 2, one line) rather than a bug (exit 3).
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
 
-    Input errors: the named ones (a bad record, an unusable output_dir or checkpoint, a malformed recipe),
-    an ``OSError`` about a path (a missing or unwritable file), and a ``ValueError`` raised by a check in
-    alignkit itself or in the recipe/argument parsers. A ``ValueError`` raised deep inside a library while
-    computing is a bug, as is every other exception.
-    """
-    from alignkit.checkpoints import CheckpointError
-    from alignkit.data.records import RecordError
-    from alignkit.output_dir import OutputDirError
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):
+        return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
-    if isinstance(error, (RecordError, CheckpointError, OutputDirError)):
-        return True
-    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)):
-        return True  # a path given on the command line or in a recipe
-    if isinstance(error, OSError):
-        return error.filename is not None  # e.g. a full or read-only disk under an output path
-    if type(error).__module__.split(".")[0] == "yaml":  # a recipe that is not valid YAML
-        return True
-    if isinstance(error, ValueError) and not isinstance(error, UnicodeError):
-        tb = error.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-        return module.startswith(_INPUT_ERROR_MODULES)
-    return False
+
+def check_model_source(name: str, gguf_file: str | None = None) -> None:
+    """Refuse, in one line before anything loads, a model that cannot be loaded: a local path that does not
+    exist or holds no model, or (offline) a hub id that is not in the Hugging Face cache."""
+    from alignkit.modeling import EMBEDDED_MODELS, TINY_PREFIX
+
+    if name.startswith(TINY_PREFIX) or name in EMBEDDED_MODELS or gguf_file:
+        return
+    path = Path(name).expanduser()
+    known = [*EMBEDDED_MODELS, f"{TINY_PREFIX}qwen2", f"{TINY_PREFIX}llama"]
+    if path.exists():
+        if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json")):
+            raise UsageError(f"model {name!r}: the directory holds no model (no config.json)")
+        return
+    if name.startswith((".", "/", "~")) or "\\" in name or not _HUB_ID.match(name):
+        from alignkit.did_you_mean import did_you_mean
+
+        raise UsageError(f"model {name!r}: no such directory{did_you_mean(name, known)} (a model directory, a hub "
+                         f"id, or one of {', '.join(known)})")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            from alignkit.did_you_mean import did_you_mean
+
+            raise UsageError(f"model {name!r}: not a local directory and not in the Hugging Face cache, and the hub "
+                             f"is offline (HF_HUB_OFFLINE=1): give a model directory, a cached hub id or one of "
+                             f"{', '.join(known)}{did_you_mean(name, known)}")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,14 @@ from alignkit.checkpoints import resolve_resume_checkpoint
 from alignkit.compatibility import CompatArguments
 from alignkit.data.loading import load_records, load_records_of_kinds
 from alignkit.data.prompts import chat_mode, format_records, use_chat
+from alignkit.did_you_mean import did_you_mean
 from alignkit.evaluation.flip_guard import FlipGuardArguments
 from alignkit.modeling import ModelArguments, load_model_and_tokenizer, lora_config
 from alignkit.onpolicy import run_onpolicy_rounds
 from alignkit.rollout.arguments import RolloutArguments
+from alignkit.tasks import arithmetic, negative_class, synthetic_tofu
+from alignkit.tasks.tofu import load_tofu_records
+from alignkit.trainers.sft import sft_records
 
 METHODS = {
     "dpo": ("alignkit.trainers.dpo", "DPOConfig", "DPOTrainer"),
@@ -125,15 +129,37 @@ def parse_recipe(path: str | Path | None, overrides: list[str] | None = None, me
     method = raw.pop("method", None) or method
     if method is None:
         raise ValueError(f"{path}: the recipe has no 'method' (one of {sorted(METHODS)})")
+    if method not in METHODS:
+        raise ValueError(f"{path}: unknown method {method!r}{did_you_mean(str(method), METHODS)} "
+                         f"(methods: {', '.join(METHODS)})")
     config_cls, _ = method_classes(method)
     classes = (config_cls, ModelArguments, DataArguments, RolloutArguments, CompatArguments, FlipGuardArguments)
     parser = HfArgumentParser(classes)
     known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = [str(key) for key in raw if key not in known]  # a typo names the key and the closest real ones
+    if len(unknown) == 1:
+        raise ValueError(f"{path}: unknown recipe key {unknown[0]!r} for method {method!r}"
+                         f"{did_you_mean(unknown[0], known)} (alignkit train {method} --help lists the keys)")
     if unknown:
-        raise ValueError(f"{path}: unknown recipe keys {unknown} for method {method!r}")
+        named = ", ".join(repr(k) + did_you_mean(k, known).replace("; did you mean", " (did you mean").replace("?", "?)")
+                          for k in unknown)
+        raise ValueError(f"{path}: unknown recipe keys for method {method!r}: {named} "
+                         f"(alignkit train {method} --help lists the keys)")
+    for token in overrides or []:
+        name = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
+        if name is not None and name not in known and not (name.startswith("no_") and name[3:] in known):
+            raise ValueError(f"unknown option --{name} for method {method!r}{did_you_mean(name, known, prefix='--')} "
+                             f"(alignkit train {method} --help lists the keys)")
     parser.set_defaults(**raw)
-    return Recipe(method, *parser.parse_args_into_dataclasses(args=overrides or []))
+    recipe = Recipe(method, *parser.parse_args_into_dataclasses(args=overrides or []))
+    # what the model card names (alignkit.model_card): an attribute, not a field, so never serialised with the args
+    recipe.config._alignkit_recipe = {
+        "path": str(path) if path is not None else None, "method": method,
+        "model": recipe.model_args.model_name_or_path, "train_data": recipe.data_args.train_data,
+        "eval_data": recipe.data_args.eval_data, "compat_data": getattr(recipe.compat_args, "compat_data", None),
+        "flip_guard_data": getattr(recipe.flip_guard_args, "flip_guard_data", None),
+    }
+    return recipe
 
 
 def load_data(source: str | None, data_args: DataArguments, kind: str, *, train: bool, tokenizer=None):
@@ -156,8 +182,6 @@ def _load_source(source: str | None, data_args: DataArguments, kind: str, *, tra
     if source is None:
         return None
     if source.startswith(SYNTHETIC_PREFIX):
-        from alignkit.tasks import arithmetic
-
         name = source[len(SYNTHETIC_PREFIX) :]
         size = data_args.synthetic_train_size if train else data_args.synthetic_eval_size
         seed = data_args.synthetic_seed if train else data_args.synthetic_seed + 10_000
@@ -166,16 +190,12 @@ def _load_source(source: str | None, data_args: DataArguments, kind: str, *, tra
         if name == "arithmetic_problems":
             return arithmetic.make_problems(size, seed=seed)
         if name == "arithmetic_sft":  # gold step-by-step solutions as SFT records
-            from alignkit.trainers.sft import sft_records
-
             return sft_records(arithmetic.make_problems(size, seed=seed))
         if name.startswith("arithmetic_chat_"):  # the chat task: train / held-out parts never overlap
             split = "train" if train else "heldout"
             if name == "arithmetic_chat_problems":
                 return arithmetic.make_chat_problems(size, seed=seed, split=split)
             if name == "arithmetic_chat_sft":
-                from alignkit.trainers.sft import sft_records
-
                 return sft_records(arithmetic.make_chat_problems(size, seed=seed, split=split))
             if name == "arithmetic_chat_pairs":  # also negatives records (prompt, rejected) for D2O
                 return arithmetic.make_chat_preference_pairs(size, seed=seed, split=split)
@@ -183,13 +203,9 @@ def _load_source(source: str | None, data_args: DataArguments, kind: str, *, tra
                 pairs = arithmetic.make_chat_preference_pairs(size, seed=seed, split=split)
                 return [{"prompt": p["prompt"], "response": p["rejected"], "answer": p["answer"]} for p in pairs]
         if name == "negative_class":  # negatives records: training prompts to train, held-out prompts to eval
-            from alignkit.tasks import negative_class
-
             spec = negative_class.NegativeClassSpec(seed=data_args.synthetic_seed)
             return negative_class.negative_records(spec, split="train" if train else "heldout")
         if name.startswith("tofu_"):  # one synthetic world per seed: train and eval splits share it
-            from alignkit.tasks import synthetic_tofu
-
             spec = synthetic_tofu.SyntheticTofuSpec(seed=data_args.synthetic_seed)
             return synthetic_tofu.records(name[len("tofu_") :], spec)
         raise ValueError(
@@ -198,8 +214,6 @@ def _load_source(source: str | None, data_args: DataArguments, kind: str, *, tra
             "tofu_retainMM"
         )
     if source.startswith("tofu:"):
-        from alignkit.tasks.tofu import load_tofu_records
-
         return load_tofu_records(data_args.tofu_data, source[len("tofu:") :])
     if source.startswith("gsm8k:"):
         from alignkit.tasks.gsm8k import load_gsm8k

@@ -152,7 +152,7 @@ CASES: list[Case] = [
     Case("corrupt Parquet file", "encodings", "train", {"data.parquet": b"PAR1 not really parquet PAR1"},
          args=["--train_data", "{tmp}/data.parquet"], expect=("data.parquet", "not a readable Parquet file")),
     Case("recipe key misspelled", "arguments", "train", {"r.yaml": "method: dpo\nbetta: 0.1\n"},
-         args=["{tmp}/r.yaml"], base=False, expect=("r.yaml", "unknown recipe keys ['betta']")),
+         args=["{tmp}/r.yaml"], base=False, expect=("r.yaml", "unknown recipe key 'betta'", "did you mean 'beta'?")),
     Case("recipe not a mapping", "arguments", "train", {"r.yaml": "- method: dpo\n"},
          args=["{tmp}/r.yaml"], base=False, expect=("r.yaml", "must be a mapping")),
     Case("recipe not YAML", "arguments", "train", {"r.yaml": "method: [dpo\n"},

@@ -35,8 +35,14 @@ def test_recipe_overrides_and_unknown_keys(tmp_path):
     assert data_args.synthetic_train_size == 256 and config.save_steps == 16
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"method": "dpo", "beta": 0.1, "betta": 0.2}))
-    with pytest.raises(ValueError, match=r"bad.yaml: unknown recipe keys \['betta'\]"):
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown recipe key 'betta' for method 'dpo'; did you mean 'beta'\?"):
         parse_recipe(bad)
+    bad.write_text(yaml.safe_dump({"method": "dpo", "betta": 0.2, "learning_rat": 1e-4, "zzz": 1}))
+    with pytest.raises(ValueError, match=r"unknown recipe keys for method 'dpo': 'betta' \(did you mean 'beta'\?\), "
+                                         r"'learning_rat' \(did you mean 'learning_rate'\?\), 'zzz' \(alignkit"):
+        parse_recipe(bad)
+    with pytest.raises(ValueError, match=r"unknown option --betta for method 'dpo'; did you mean '--beta'\?"):
+        parse_recipe(RECIPE, ["--betta", "0.2"])
     with pytest.raises(ValueError, match="unknown method"):
         parse_recipe(None, method="ppo")
 

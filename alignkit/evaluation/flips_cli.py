@@ -70,6 +70,9 @@ def _suite(parser, a, options: dict):
     if a.suite and a.eval_data:
         suite.data = a.eval_data
     if a.verifier:
+        from alignkit.cli_errors import check_verifier_name
+
+        check_verifier_name(a.verifier)
         suite.verifier = a.verifier
         suite.verifier_options = {}
     suite.verifier_options.update(options)
@@ -167,6 +170,10 @@ def run_flips(a, parser: argparse.ArgumentParser | None = None) -> int:
     options = _options(parser, a.verifier_option)
     out = Path(a.out)
     verifier = a.verifier or "match"
+    if a.verifier:
+        from alignkit.cli_errors import check_verifier_name
+
+        check_verifier_name(a.verifier)
     settings: dict = {}
     if mode == "models":
         from alignkit.evaluation.suites import suite_problems
@@ -190,6 +197,12 @@ def run_flips(a, parser: argparse.ArgumentParser | None = None) -> int:
     start = time.perf_counter()
     data = read_flips_file(a.predictions) if mode == "predictions" else read_predictions(a.old, a.new)
     data = judge(data, verifier, options, num_workers=a.num_workers)
+    if a.verifier and mode != "models" and "verifier" not in data.correctness:
+        use = ("it only decides whether a wrong answer changed (NFR_mc)" if data.changed is not None
+               else "nothing was judged")
+        print(f"alignkit flips: note: --verifier {a.verifier} did not judge correctness: every row of both files "
+              f"carries 'correct' (or a score), which is used as given; {use}. Drop 'correct' from the files to "
+              "re-judge the predictions.", file=sys.stderr)
     report = compute_report(
         data, threshold=a.threshold, bootstrap=a.bootstrap, confidence=a.confidence, seed=a.seed, nfr_basis=a.nfr_basis,
         settings={"verifier": verifier, "verifier_options": options, "show": a.show, "max_nfr": a.max_nfr, **settings},
@@ -220,8 +233,13 @@ def _guarded(command: str, fn, argv) -> int:
 
     try:
         return fn(argv)
-    except (RecordError, SuiteError, FlipInputError, FileNotFoundError) as e:
-        print(f"alignkit {command}: error: {e}", file=sys.stderr)
+    except (RecordError, SuiteError, FlipInputError, FileNotFoundError, ValueError) as e:
+        from alignkit.cli_errors import is_input_error
+
+        if isinstance(e, ValueError) and not isinstance(e, (RecordError, SuiteError, FlipInputError)) \
+                and not is_input_error(e):
+            raise
+        print(f"alignkit {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from alignkit.rollout import BACKENDS, make_engine
 from alignkit.rollout.base import SamplingConfig
+from alignkit.verifiers import get_verifier
 
 
 @dataclass
@@ -52,8 +54,6 @@ class RolloutArguments:
     verifier_num_workers: int | None = field(default=None, metadata={"help": "Verification processes; default: CPU count."})
 
     def __post_init__(self):
-        from alignkit.rollout import BACKENDS
-
         if self.rollout_backend not in BACKENDS:
             raise ValueError(f"unknown rollout_backend {self.rollout_backend!r}; choose one of {BACKENDS}")
         if self.rollout_n < 1:
@@ -90,8 +90,6 @@ class RolloutArguments:
     def engine(self, model, tokenizer, **options):
         """The rollout engine these arguments describe, sampling from ``model`` (``options`` add to or
         override :meth:`engine_options`)."""
-        from alignkit.rollout import make_engine
-
         return make_engine(self.rollout_backend, model, tokenizer, **{**self.engine_options(), **options})
 
     def vllm_llm_kwargs(self) -> dict:
@@ -104,6 +102,4 @@ class RolloutArguments:
         return kwargs
 
     def make_verifier(self):
-        from alignkit.verifiers import get_verifier
-
         return get_verifier(self.verifier, timeout=self.verifier_timeout, num_workers=self.verifier_num_workers)

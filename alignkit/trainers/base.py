@@ -61,6 +61,7 @@ from alignkit.data.collate import LAYOUTS, GroupCollator
 from alignkit.data.loading import load_records_of_kinds
 from alignkit.data.records import Schema
 from alignkit.data.tokenize import tokenize_group
+from alignkit.modeling import ModelArguments, load_model_and_tokenizer
 from alignkit.scoring import ResponseScores, score_responses
 from alignkit.trainers.checkpointing import CheckpointingMixin
 
@@ -143,8 +144,6 @@ class AlignTrainer(CheckpointingMixin, Trainer):
         **kwargs,
     ):
         if isinstance(model, str):
-            from alignkit.modeling import ModelArguments, load_model_and_tokenizer
-
             model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=model))
             processing_class = processing_class or tokenizer
         if processing_class is None:
