@@ -25,6 +25,7 @@ pairs, which are exactly the negative and positive flips).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -311,23 +312,11 @@ def score_flip_bootstrap(
         out["mean_delta"] = tuple(float(v) for v in np.quantile(means, [alpha, 1 - alpha]))
         method = f"percentile bootstrap, {samples} item resamples"
     else:
-        z = _normal_quantile(1 - alpha)
+        z = statistics.NormalDist().inv_cdf(1 - alpha)
         half = z * float(d.std(ddof=1) if n > 1 else 0.0) / math.sqrt(n)
         out["mean_delta"] = (float(d.mean()) - half, float(d.mean()) + half)
         method = f"normal approximation (n = {n} too large for {samples} item resamples)"
     return out, method
-
-
-def _normal_quantile(p: float) -> float:
-    """Φ⁻¹(p) by bisection on math.erf (no SciPy needed; ~1e-12 accurate)."""
-    lo, hi = -40.0, 40.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def mcnemar_from_counts(negative_flips: int, positive_flips: int) -> dict:
