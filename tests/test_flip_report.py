@@ -446,3 +446,56 @@ def test_score_intervals_switch_to_the_normal_approximation_for_large_inputs():
     lo, hi = small["mean_delta"]
     assert lo < d[:500].mean() < hi
     assert small["nfr"][0] < np.mean(d[:500] < -0.1) < small["nfr"][1]
+
+
+# ------------------------------------------------------------------------------------ fast paths
+
+
+def test_key_permutation_matches_index_in():
+    """The hashed id join gives Arrow's index_in permutation (string and large_string, sliced arrays,
+    mixed lengths, NUL bytes, non-ASCII), and declines (None) on a duplicated, missing or too long key."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from alignkit.evaluation.flip_readers import KeyHashes, key_permutation
+
+    rng = random.Random(0)
+    for trial in range(60):
+        keys = sorted({"".join(rng.choice("ab\x00é7") for _ in range(rng.randint(0, 20))) for _ in range(rng.randint(1, 40))})
+        shuffled = keys[:]
+        rng.shuffle(shuffled)
+        kind = pa.large_string() if trial % 2 else pa.string()
+        old = pa.array(["pad"] + keys, kind).slice(1) if trial % 3 == 0 else pa.array(keys, kind)
+        new = pa.array(shuffled, kind)
+        order = key_permutation(old, new)
+        assert order is not None and order.tolist() == pc.index_in(old, value_set=new).to_pylist()
+        if len(keys) > 1:
+            duplicated = pa.array([shuffled[1]] + shuffled[1:], kind)
+            assert key_permutation(old, duplicated) is None and KeyHashes.of(duplicated).sorted_distinct() is None
+            assert key_permutation(old, pa.array(shuffled[:-1] + ["other"], kind)) is None
+    long = pa.array(["x" * 65, "y"])
+    assert KeyHashes.of(long) is None and key_permutation(long, long) is None
+
+
+def test_join_of_shuffled_files_and_changed_answers(tmp_path):
+    """Two shuffled prediction files join as in order; the changed answers that judge derives from the
+    verdicts equal answers_changed's direct comparison (normalized and exact)."""
+    from alignkit.evaluation.flip_report import answers_changed
+
+    rng = random.Random(1)
+    words = ["Paris", " paris. ", "PARIS!", "rome", "Rome", "straße", "STRASSE", "été", "4", " 4 ", "5", "a  b", "A\tb."]
+    rows = [{"id": f"i{i}" if i % 3 else i, "reference": rng.choice(words)} for i in range(300)]
+    old_rows = [{**r, "prediction": rng.choice(words)} for r in rows]
+    new_rows = [{**r, "prediction": rng.choice(words)} for r in rows]
+    old = _write_jsonl(tmp_path / "old.jsonl", old_rows)
+    in_order = _write_jsonl(tmp_path / "new.jsonl", new_rows)
+    shuffled = new_rows[:]
+    rng.shuffle(shuffled)
+    new = _write_jsonl(tmp_path / "new_shuffled.jsonl", shuffled)
+    a, b = read_predictions(old, in_order), read_predictions(old, new)
+    assert texts(b.new.prediction).to_pylist() == texts(a.new.prediction).to_pylist()
+    for options in ({}, {"mode": "exact"}):
+        judged = judge(b, "match", options)
+        direct = answers_changed(judged, "match", options)
+        assert judged.changed.tolist() == direct.tolist()
+        assert judged.changed.any() and not judged.changed.all()

@@ -13,16 +13,18 @@ import pyarrow.compute as pc
 
 from alignkit.data.records import RecordError
 from alignkit.evaluation.flip_data import Column, FlipData, ModelResults, PredictionFile, bools, take, texts
-from alignkit.evaluation.flip_readers import id_keys, read_prediction_file, unique_id_keys
+from alignkit.evaluation.flip_readers import id_keys, key_permutation, read_prediction_file, unique_id_keys
 
 
 def join_predictions(old: PredictionFile, new: PredictionFile) -> FlipData:
     """Join two prediction files on ``id`` (old file's order). Errors name the file and row of an id
     missing from the other file or duplicated, and of a reference that differs between the files."""
-    old_keys, new_keys = unique_id_keys(old), id_keys(new.ids)
+    old_keys, new_keys = id_keys(old.ids), id_keys(new.ids)
+    order = None
     if len(old_keys) == len(new_keys) and pc.all(pc.equal(old_keys, new_keys)).as_py():
-        order = None  # same ids in the same order (so the new ids are distinct too)
-    else:
+        unique_id_keys(old, old_keys)  # same ids in the same order (so the new ids are distinct too)
+    elif (order := key_permutation(old_keys, new_keys)) is None:
+        unique_id_keys(old, old_keys)
         if len(new_keys) > len(old_keys):  # a duplicated id, or one the old file lacks
             unique_id_keys(new, new_keys)
             j = int(np.flatnonzero(~bools(pc.is_in(new_keys, value_set=old_keys)))[0])

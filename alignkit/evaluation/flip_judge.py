@@ -53,8 +53,8 @@ def match_correct(predictions, references: pa.Array, mode: str = "normalized"):
             need |= ~r
         union = np.flatnonzero(need)
         if union.size:
-            ref_norm = normalize_arrow(references.take(pa.array(union, pa.int64())))
-            ref_ascii = _ascii(references.take(pa.array(union, pa.int64())))
+            ref_union = references.take(pa.array(union, pa.int64()))
+            ref_norm, ref_ascii = normalize_arrow(ref_union), _ascii(ref_union)
             slot = np.cumsum(need) - 1  # item index -> position in union
             for p, correct in zip(preds, results):
                 rest = np.flatnonzero(~correct)
@@ -136,15 +136,18 @@ def judge(
         isinstance(data.reference, list) and any(isinstance(v, dict) for v in data.reference)
     ):
         get_verifier(verifier, **options)  # fails on a bad option as the row-by-row path would
-        verdicts = match_correct([texts(results[s].prediction) for s in todo], texts(data.reference), mode)
+        predictions = [texts(results[s].prediction) for s in todo]
+        verdicts = match_correct(predictions, texts(data.reference), mode)
+        changed = _changed_by_verdicts(*predictions, *verdicts, mode)
     else:
         verdicts = [
             verify_correct(results[s].prediction, data.reference, verifier, options, num_workers=num_workers, progress=progress)
             for s in todo
         ]
+        changed = answers_changed(data, verifier, options, num_workers=num_workers)
     for side, correct in zip(todo, verdicts):
         results[side] = dataclasses.replace(results[side], correct=correct)
-    data = dataclasses.replace(data, changed=answers_changed(data, verifier, options, num_workers=num_workers))
+    data = dataclasses.replace(data, changed=changed)
     what = f"verifier {verifier}" + (f" ({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})" if options else "")
     if len(todo) == 2:
         how = what
@@ -152,6 +155,19 @@ def judge(
         given = "old" if todo == ["new"] else "new"
         how = f"{given}: given; {todo[0]}: {what}"
     return dataclasses.replace(data, old=results["old"], new=results["new"], correctness=how)
+
+
+def _changed_by_verdicts(old: pa.Array, new: pa.Array, old_correct: np.ndarray, new_correct: np.ndarray, mode: str) -> np.ndarray:
+    """:func:`answers_changed` for ``match`` (``mode``) when both sides' verdicts come from
+    :func:`match_correct` against the same references. Matching is equality of the text (``exact``) or of
+    its normalised form, so two correct answers are the same answer and a correct and a wrong one differ:
+    only the items both models got wrong are compared."""
+    changed = old_correct != new_correct
+    both_wrong = np.flatnonzero(~old_correct & ~new_correct)
+    if both_wrong.size:
+        idx = pa.array(both_wrong, pa.int64())
+        changed[both_wrong] = ~match_correct(new.take(idx), old.take(idx), mode)
+    return changed
 
 
 def answers_changed(
