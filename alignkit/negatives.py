@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
 
 from alignkit.cache import write_jsonl  # noqa: F401  (the one atomic JSON Lines writer; re-exported)
@@ -47,8 +47,13 @@ def sample_rollouts(
     prompt_field: str = "prompt",
     keep_token_data: bool = True,
 ) -> list[dict]:
-    """``n`` completions of every problem, as rollout rows (problem fields kept, ``completions`` added)."""
+    """``n`` completions of every problem, as rollout rows (problem fields kept, ``completions`` added).
+
+    ``keep_token_data=False`` drops ``token_ids`` and ``logprobs`` from the rows, so no log-probs are
+    requested from the engine either."""
     prompts = [p[prompt_field] for p in problems]
+    if not keep_token_data and (sampling is None or sampling.logprobs):
+        sampling = replace(sampling or SamplingConfig(), logprobs=False)
     groups = engine.generate(prompts, n=n, sampling=sampling)
     rows = []
     for problem, group in zip(problems, groups):

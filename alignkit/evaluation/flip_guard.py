@@ -91,7 +91,9 @@ class FlipGuardArguments:
     flip_guard_max_items: int = field(default=256, metadata={"help": "Flip guard: evaluate at most N items."})
     flip_guard_verifier: str = field(default="math", metadata={"help": "Flip guard: verifier name."})
     flip_guard_max_new_tokens: int = field(default=256, metadata={"help": "Flip guard: greedy decoding length."})
-    flip_guard_batch_size: int = field(default=64, metadata={"help": "Flip guard: sequences generated together."})
+    flip_guard_batch_size: int | None = field(
+        default=None, metadata={"help": "Flip guard: sequences generated together; default: chosen from memory (hf backend)."}
+    )
 
     def __post_init__(self):
         check_action(self.flip_guard_action)
@@ -154,7 +156,8 @@ class FlipGuardCallback(TrainerCallback):
         max_items: evaluate at most this many items (the first ones).
         verifier: a verifier name (``math``) or a :class:`~alignkit.verifiers.base.Verifier`.
         max_new_tokens: greedy decoding length.
-        batch_size: sequences generated together by the default ``hf`` engine.
+        batch_size: sequences generated together by the default ``hf`` engine; ``None``: chosen from memory
+            (:func:`alignkit.rollout.hf.default_batch_size`).
         engine: a rollout engine (synced to the model before each evaluation) or a factory
             ``engine(model, tokenizer)``; default: the engine ``rollout_args`` describe, the ``hf`` engine on
             the unwrapped training model unless given.
@@ -166,7 +169,7 @@ class FlipGuardCallback(TrainerCallback):
     """
 
     def __init__(self, problems, *, eval_steps: int = 100, max_nfr: float | None = None, action: str = "log",
-                 max_items: int | None = 256, verifier="math", max_new_tokens: int = 256, batch_size: int = 64,
+                 max_items: int | None = 256, verifier="math", max_new_tokens: int = 256, batch_size: int | None = None,
                  engine=None, rollout_args: RolloutArguments | None = None, tokenizer=None, output_dir: str | None = None,
                  verifier_num_workers: int | None = None):
         check_action(action)
@@ -182,7 +185,7 @@ class FlipGuardCallback(TrainerCallback):
         self.action = action
         self.verifier = verifier
         self.max_new_tokens = int(max_new_tokens)
-        self.batch_size = int(batch_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.engine = engine
         self.rollout_args = rollout_args
         self._rollout: RolloutSetup | None = None

@@ -26,7 +26,7 @@ A suite (``evals/*.yaml``) is a flat mapping::
       max_new_tokens: 256
       stop: []
       seed: 0
-      batch_size: 32
+      batch_size: null                     # hf engine: rows decoded together; null: chosen from memory
 
 Unknown keys are an error naming the file and the key. A relative ``data`` path is read relative to
 the suite file when it exists there.
@@ -75,7 +75,7 @@ class GenerationSettings(SamplingConfig):
     seed: int | None = 0
     logprobs: bool = False
     n: int = 1
-    batch_size: int = 32
+    batch_size: int | None = None  # hf engine: rows decoded together; None: chosen from memory
 
     def sampling(self) -> SamplingConfig:
         """The plain :class:`SamplingConfig` part (without ``n`` and ``batch_size``)."""
@@ -119,7 +119,7 @@ _TYPES: dict[str, tuple] = {
     "chat": (bool, str), "system": (str, type(None)), "id_field": (str,), "reference_field": (str,),
     "verifier": (str,), "verifier_options": (dict, type(None)), "generation": (dict, type(None)),
     "n": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "max_new_tokens": (int,),
-    "stop": (list, str, type(None)), "seed": (int, type(None)), "batch_size": (int,),
+    "stop": (list, str, type(None)), "seed": (int, type(None)), "batch_size": (int, type(None)),
 }
 
 

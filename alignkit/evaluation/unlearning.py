@@ -250,8 +250,9 @@ def answer_mean_logps(model, tokenizer, items: list[dict], *, batch_size: int = 
 
 
 def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int = GENERATION_MAX_NEW_TOKENS,
-                   batch_size: int = 32, stop: list[str] | None = None, progress: bool = False) -> list[str]:
-    """The greedy (temperature 0) completion of each prompt, through the ``hf`` rollout engine."""
+                   batch_size: int | None = None, stop: list[str] | None = None, progress: bool = False) -> list[str]:
+    """The greedy (temperature 0) completion of each prompt, through the ``hf`` rollout engine (``batch_size``
+    rows decoded together; ``None``: chosen from memory)."""
     from alignkit.rollout import make_engine
     from alignkit.rollout.base import SamplingConfig
 
@@ -274,7 +275,7 @@ def _check_items(items: list[dict], role: str) -> None:
 
 def evaluate_split(model, tokenizer, items: list[dict], *, role: str = "retain", generate: bool = True,
                    max_new_tokens: int = GENERATION_MAX_NEW_TOKENS, batch_size: int = 16,
-                   generation_batch_size: int = 64, stop: list[str] | None = None, progress: bool = False) -> dict:
+                   generation_batch_size: int | None = None, stop: list[str] | None = None, progress: bool = False) -> dict:
     """``{"items": [per-item metrics], "summary": {probability, rouge_l_recall, truth_ratio, num_items}}``
     of one split scored as ``role`` (``forget``, ``retain`` or ``options``; see the module docstring)."""
     if role not in ROLES:
@@ -336,7 +337,7 @@ def _open_unlearning_names(summary: dict, splits: dict) -> dict:
 def evaluate_unlearning(model, tokenizer, splits: dict[str, list[dict]], *, forget_splits=FORGET_SPLITS,
                         option_splits=OPTION_SPLITS, reference_results=None, generate: bool = True,
                         max_new_tokens: int = GENERATION_MAX_NEW_TOKENS, batch_size: int = 16,
-                        generation_batch_size: int = 64, stop: list[str] | None = None,
+                        generation_batch_size: int | None = None, stop: list[str] | None = None,
                         progress: bool = False) -> dict:
     """TOFU metrics of ``model`` on named splits of evaluation items.
 
