@@ -13,6 +13,10 @@
 
 For files, ``datasets`` and lists, ``row`` in a :class:`~alignkit.data.records.RecordError` is
 1-based: the line number for JSON Lines, the row index + 1 otherwise.
+
+Rows in TRL's dataset formats (implicit prompt, ``messages``, prompt-completion SFT) are converted to
+alignkit records first (:func:`~alignkit.data.records.from_trl`), row by row, with the same file, row and
+field in every error.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
-from alignkit.data.records import RecordError, get_schema, is_conversational, validate_record
+from alignkit.data.records import RecordError, from_trl, get_schema, is_conversational, validate_record
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -118,6 +122,7 @@ def _read_json_lines(data: bytes, source: str, kind: str | None) -> list[tuple[i
         record = _parse_json(text, source, line_no)
         _check_nesting(record, source, line_no)
         if kind is not None:
+            record = from_trl(record, kind, source=source, row=line_no)
             validate_record(record, kind, source=source, row=line_no)
         rows.append((line_no, record))
     return rows
@@ -133,10 +138,12 @@ def _read_json_list(data: bytes, source: str, kind: str) -> list[tuple[int, obje
             source, None, None, f"not valid UTF-8: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line})"
         ) from None
     records = _parse_json(text, source, None, where="file")
-    rows = list(enumerate(records, start=1))
-    for row, record in rows:
+    rows = []
+    for row, record in enumerate(records, start=1):
         _check_nesting(record, source, row)
+        record = from_trl(record, kind, source=source, row=row)
         validate_record(record, kind, source=source, row=row)
+        rows.append((row, record))
     return rows
 
 
@@ -298,9 +305,28 @@ def _rows_to_dataset(rows: list[tuple[int, dict]], source: str) -> datasets.Data
 # ------------------------------------------------------------------------------------ other sources
 
 
+def _from_trl_dataset(dataset: datasets.Dataset, kind: str, source: str) -> datasets.Dataset:
+    """``dataset`` with its rows converted from TRL's formats (:func:`~alignkit.data.records.from_trl`) when its
+    first row is in one; the converted rows all have the first converted row's fields."""
+    first = dataset.with_format(None)[0]
+    converted = from_trl(first, kind, source=source, row=1)
+    if converted is first:
+        return dataset
+    names = list(converted)
+
+    def convert(record, index):
+        out = from_trl(dict(record), kind, source=source, row=index + 1)  # map passes a lazy mapping
+        return {name: out.get(name) for name in names}
+
+    return dataset.with_format(None).map(convert, with_indices=True, remove_columns=dataset.column_names,
+                                         keep_in_memory=True, load_from_cache_file=False,
+                                         desc=f"TRL format -> {get_schema(kind).name} records")
+
+
 def _validate_dataset(dataset: datasets.Dataset, kind: str, source: str) -> datasets.Dataset:
     if len(dataset) == 0:
         raise RecordError(source, None, None, "no records")
+    dataset = _from_trl_dataset(dataset, kind, source)
     row = 0
     for batch in dataset.with_format(None).iter(batch_size=_VALIDATE_BATCH):
         names = list(batch)
@@ -381,9 +407,9 @@ def load_records(source, kind: str, *, split: str = "train", name: str | None = 
         source_name = "<datasets.DatasetDict>"
         return _validate_dataset(_pick_split(source, split, source_name), kind, source_name)
     if isinstance(source, list):
-        rows = list(enumerate(source, start=1))
-        if not rows:
+        if not source:
             raise RecordError("<list>", None, None, "no records")
+        rows = [(row, from_trl(record, kind, source="<list>", row=row)) for row, record in enumerate(source, start=1)]
         for row, record in rows:
             validate_record(record, kind, source="<list>", row=row)
         return _rows_to_dataset(rows, "<list>")

@@ -27,6 +27,18 @@ A method may also declare a :class:`Schema` of its own over these fields and TRL
 
 A record may carry any other field (``id``, ``ref_logps``, ...): it is neither checked nor changed.
 A field whose value is ``None`` counts as absent, as in an Arrow table where a row lacks a column.
+
+TRL's dataset formats are read too: :func:`from_trl` turns such a row into the record above before it is
+validated (the loaders call it), with errors that name the row's own fields:
+
+* implicit prompt (``chosen`` / ``rejected`` as full conversations, or texts, sharing a prefix, no
+  ``prompt``; or a text ``prompt`` beside conversational ones): the shared prefix is the ``prompt``, the
+  rest the responses, as ``trl.extract_prompt`` splits them (preference and negatives kinds);
+* ``messages`` (TRL's conversational language-modeling format, SFT): the trailing assistant messages are
+  the ``response``, the messages before them the ``prompt`` (earlier assistant turns are context);
+* prompt-completion (``prompt``, ``completion``) for SFT: ``completion`` is the ``response``;
+* conversational preference (``prompt`` a message list, ``chosen`` / ``rejected`` assistant message lists)
+  and TRL's unpaired ``prompt`` / ``completion`` / ``label`` (KTO's own schema) need no conversion.
 """
 
 from __future__ import annotations
@@ -352,6 +364,101 @@ def _check_one_of(record: dict, schema: Schema, source: str, row: int) -> None:
             problem = f"missing field (given {_describe(tuple(present))}); {schema.name} records need {choices}"
             raise RecordError(source, row, missing, problem)
     raise RecordError(source, row, None, f"{schema.name} records need {choices}; found none")
+
+
+# ------------------------------------------------------------------------------------ TRL's formats
+
+
+def _shared_prefix_length(chosen, rejected) -> tuple[int, bool]:
+    """Where ``trl.extract_prompt`` splits a chosen/rejected pair with an implicit prompt, and whether the two
+    differ there: the first position where they differ, moved back over a space that ends the shared text;
+    when one is a prefix of the other, TRL's loop ends on the last position of the shorter one."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if idx > 0 and chosen[idx - 1] == " ":  # TRL: the space goes with the responses
+                idx -= 1
+            return idx, True
+    return idx, False
+
+
+def _implicit_prompt(record: dict, source: str, row: int | None) -> dict:
+    chosen, rejected = record["chosen"], record["rejected"]
+    conversational = isinstance(chosen, list)
+    if isinstance(rejected, list) != conversational or not isinstance(chosen, (str, list)):
+        raise RecordError(source, row, "rejected", "implicit-prompt rows (no 'prompt') need 'chosen' and 'rejected' "
+                                                   "in one format: both texts or both message lists")
+    if conversational:
+        for field in ("chosen", "rejected"):
+            _check_messages(record[field], CHAT_ROLES, source, row, field)
+    idx, differ = _shared_prefix_length(chosen, rejected)
+    if idx == 0:
+        if differ:
+            problem = ("missing required field, and 'chosen' and 'rejected' share no prompt to take it from (TRL's "
+                       "implicit-prompt format holds the whole conversation in both)")
+        else:
+            short = "rejected" if len(rejected) <= len(chosen) else "chosen"
+            problem = (f"missing required field, and '{short}' holds nothing but the start of the other response: no "
+                       "prompt and response to split it into")
+        raise RecordError(source, row, "prompt", problem)
+    if conversational:
+        shared = f"messages 0..{idx - 1}"
+        for field in ("chosen", "rejected"):
+            for i, message in enumerate(record[field][idx:]):
+                if message["role"] not in RESPONSE_ROLES:
+                    raise RecordError(source, row, f"{field}[{idx + i}].role",
+                                      f"role {message['role']!r} after the prompt shared by 'chosen' and 'rejected' "
+                                      f"({shared}); the responses must be assistant messages only")
+    out = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")}
+    return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:], **out}
+
+
+def _messages_sft(record: dict, source: str, row: int | None) -> dict:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        problem = "empty list of messages" if isinstance(messages, list) else \
+            f"expected a list of chat messages, got {_type_name(messages)}"
+        raise RecordError(source, row, "messages", problem)
+    _check_messages(messages, CHAT_ROLES, source, row, "messages")
+    start = len(messages)
+    while start > 0 and messages[start - 1]["role"] in RESPONSE_ROLES:
+        start -= 1
+    if start == len(messages):
+        raise RecordError(source, row, f"messages[{start - 1}].role",
+                          f"a 'messages' row ends with the assistant's turn (the response); this one ends with "
+                          f"role {messages[-1]['role']!r}")
+    if start == 0:
+        raise RecordError(source, row, "messages", "no prompt: every message is the assistant's")
+    out = {k: v for k, v in record.items() if k not in ("messages", "prompt", "response")}
+    return {"prompt": messages[:start], "response": messages[start:], **out}
+
+
+def _holds_prompt(value) -> bool:
+    """A conversation that starts with a prompt's turn (not an assistant response)."""
+    return is_conversational(value) and value[0].get("role") not in RESPONSE_ROLES
+
+
+def from_trl(record, kind: str | Schema, *, source: str, row: int | None):
+    """``record`` as a ``kind`` record when it is in one of TRL's formats (see the module docstring), else
+    ``record`` itself (the same object). :class:`RecordError` names the row's own fields when the TRL row
+    cannot be converted (chosen and rejected share no prompt, a response holds a user turn, ...)."""
+    if not isinstance(record, dict):
+        return record
+    schema = get_schema(kind)
+    if "prompt" not in schema.required:
+        return record
+    prompt = record.get("prompt")
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if ("chosen" in schema.fields or "rejected" in schema.fields) and chosen is not None and rejected is not None \
+            and (prompt is None or (isinstance(prompt, str) and _holds_prompt(chosen) and _holds_prompt(rejected))):
+        return _implicit_prompt(record, source, row)  # TRL's maybe_extract_prompt: a text prompt beside chats too
+    if "response" in schema.required and prompt is None and record.get("messages") is not None:
+        return _messages_sft(record, source, row)
+    if "response" in schema.required and record.get("response") is None and record.get("completion") is not None \
+            and "completion" not in schema.fields:
+        out = {k: v for k, v in record.items() if k != "completion"}
+        return {**out, "response": record["completion"]}
+    return record
 
 
 def validate_record(record: dict, kind: str, *, source: str, row: int | None) -> None:
