@@ -19,7 +19,8 @@ it right and the updated model gets it wrong. :class:`FlipGuardCallback` measure
   to ``OUTPUT_DIR/flip_guard_best``; with no budget every evaluation qualifies). The starting model is
   the baseline, not a candidate. Every action writes the history ``OUTPUT_DIR/flip_guard.json``: step,
   nfr, pfr, accuracy, flips and whether the budget held, per evaluation, plus the best step and where
-  training stopped. On resume the history is cut back to the checkpoint's step (a best saved after the
+  training stopped, and draws it over the steps in ``OUTPUT_DIR/flip_guard.png`` (``alignkit flips
+  --flip_guard`` adds both to a flip report). On resume the history is cut back to the checkpoint's step (a best saved after the
   checkpoint is dropped: the resumed run re-evaluates those steps and reaches the same weights).
 
 Logging: the alignkit trainers (``AlignTrainer.log``) merge the pending flip metrics into the log entry of
@@ -66,6 +67,7 @@ logger = logging.getLogger(__name__)
 FLIP_GUARD_ACTIONS = ("log", "stop", "best")
 BASELINE_FILE = "flip_guard_baseline.json"
 HISTORY_FILE = "flip_guard.json"
+PLOT_FILE = "flip_guard.png"
 BEST_DIR = "flip_guard_best"
 BASELINE_VERSION = 2
 
@@ -166,12 +168,14 @@ class FlipGuardCallback(TrainerCallback):
         tokenizer: default: the trainer's ``processing_class``.
         output_dir: where the baseline cache, history and best model go; default the run's ``output_dir``.
         verifier_num_workers: processes for verification (default: the verifier's own).
+        plot: after each evaluation, draw the history (NFR, PFR, accuracy over the steps) into
+            ``OUTPUT_DIR/flip_guard.png`` (:func:`alignkit.evaluation.flip_render.plot_flip_guard`).
     """
 
     def __init__(self, problems, *, eval_steps: int = 100, max_nfr: float | None = None, action: str = "log",
                  max_items: int | None = 256, verifier="math", max_new_tokens: int = 256, batch_size: int | None = None,
                  engine=None, rollout_args: RolloutArguments | None = None, tokenizer=None, output_dir: str | None = None,
-                 verifier_num_workers: int | None = None):
+                 verifier_num_workers: int | None = None, plot: bool = True):
         check_action(action)
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
@@ -192,6 +196,7 @@ class FlipGuardCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.output_dir = output_dir
         self.verifier_num_workers = verifier_num_workers
+        self.plot = plot
         self.trainer = None
         self.baseline: list[bool] | None = None
         self.history: list[dict] = []
@@ -389,3 +394,10 @@ class FlipGuardCallback(TrainerCallback):
             "accuracy_old": accuracy_old, "eval_steps": self.eval_steps, "history": self.history,
             "best": self.best, "stopped_at": self.stopped_at,
         }, out / HISTORY_FILE)
+        if self.history and self.plot:  # NFR and accuracy over the steps so far, next to the history
+            from alignkit.evaluation.flip_render import plot_flip_guard
+
+            try:
+                plot_flip_guard(out / HISTORY_FILE, out / PLOT_FILE)
+            except Exception as e:  # noqa: BLE001 - a picture never stops training
+                logger.warning("flip guard: %s not written: %s: %s", out / PLOT_FILE, type(e).__name__, e)

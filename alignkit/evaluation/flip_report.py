@@ -45,8 +45,13 @@ def flip_report(
     seed: int = 0,
     num_workers: int | None = None,
     nfr_basis: str = "auto",
+    max_nfr: float | None = None,
+    old_name: str | None = None,
+    new_name: str | None = None,
 ) -> FlipReport:
-    """Read (a flips file, or old + new prediction files), judge and compute, in one call."""
+    """Read (a flips file, or old + new prediction files), judge and compute, in one call. ``max_nfr``: the
+    NFR budget whose verdict the report states; ``old_name`` / ``new_name``: what the report calls the models
+    (default: the prediction files' names)."""
     if predictions is not None:
         if old is not None or new is not None:
             raise FlipInputError("give either a flips file or old and new prediction files, not both")
@@ -58,7 +63,8 @@ def flip_report(
     data = judge(data, verifier, verifier_options, num_workers=num_workers)
     return compute_report(
         data, threshold=threshold, bootstrap=bootstrap, confidence=confidence, seed=seed, nfr_basis=nfr_basis,
-        settings={"verifier": verifier, "verifier_options": dict(verifier_options or {})},
+        settings={"verifier": verifier, "verifier_options": dict(verifier_options or {}), "max_nfr": max_nfr,
+                  **({"old_name": old_name} if old_name else {}), **({"new_name": new_name} if new_name else {})},
     )
 
 

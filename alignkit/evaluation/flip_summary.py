@@ -9,6 +9,7 @@ for small inputs and the normal approximation for large ones (the report says wh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,4 +150,38 @@ def compute_report(
         raise FlipInputError(f"nfr_basis {nfr_basis!r}: the inputs give no {basis} results for both models")
     summary["nfr"] = summary[basis]["nfr"]
     summary["nfr_basis"] = basis
+    summary["models"] = model_names(data, summary["settings"])
+    max_nfr = summary["settings"].get("max_nfr")
+    if max_nfr is not None:  # the gate of alignkit flips --max-nfr: its verdict is part of the report
+        regressed = int(negative.size if basis == "discrete" else regressions.size)
+        summary["gate"] = {"max_nfr": float(max_nfr), "nfr": summary["nfr"], "basis": basis,
+                           "passed": bool(summary["nfr"] <= max_nfr), "regressed": regressed, "items": n}
     return FlipReport(summary, data, negative, positive, regressions)
+
+
+def _model_name(path: str | None) -> str | None:
+    """A model's name from a path: a directory's last part, a file's name without ``.jsonl`` and a trailing
+    ``_predictions`` / ``.predictions``."""
+    if not path:
+        return None
+    name = Path(str(path)).name or str(path)
+    for suffix in (".jsonl", ".json", ".ndjson"):
+        name = name.removesuffix(suffix)
+    for suffix in ("_predictions", ".predictions", "-predictions"):
+        name = name.removesuffix(suffix)
+    return name or str(path)
+
+
+def model_names(data: FlipData, settings: dict) -> dict[str, str]:
+    """What the report calls the old and the new model: ``old_name`` / ``new_name`` when given, else the
+    models of a model-mode run (with their adapters), else the prediction files' names, else old / new."""
+    out = {}
+    for side in ("old", "new"):
+        name = settings.get(f"{side}_name")
+        if not name and settings.get(f"{side}_model"):
+            adapter = settings.get(f"{side}_adapter")
+            name = str(settings[f"{side}_model"]) + (f" + {adapter}" if adapter else "")
+        out[side] = name or _model_name(data.sources.get(side)) or side
+    if out["old"] == out["new"]:  # two files of one name in different directories
+        out = {side: f"{side}: {name}" for side, name in out.items()}
+    return out

@@ -126,6 +126,11 @@ def flips_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     r.add_argument("--show", type=int, default=50, help="flipped items listed in report.md")
     r.add_argument("--no_plot", action="store_true", help="skip flips.png")
+    r.add_argument("--old_name", help="what the report calls the old model (default: its path or file name)")
+    r.add_argument("--new_name", help="what the report calls the new model")
+    r.add_argument("--flip_guard", metavar="PATH",
+                   help="a training run's flip_guard.json (or its output_dir): NFR and accuracy over the training "
+                        "steps added to report.md, drawn in flip_guard.png")
     return parser
 
 
@@ -205,22 +210,23 @@ def run_flips(a, parser: argparse.ArgumentParser | None = None) -> int:
               "re-judge the predictions.", file=sys.stderr)
     report = compute_report(
         data, threshold=a.threshold, bootstrap=a.bootstrap, confidence=a.confidence, seed=a.seed, nfr_basis=a.nfr_basis,
-        settings={"verifier": verifier, "verifier_options": options, "show": a.show, "max_nfr": a.max_nfr, **settings},
+        settings={"verifier": verifier, "verifier_options": options, "show": a.show, "max_nfr": a.max_nfr,
+                  **({"old_name": a.old_name} if a.old_name else {}), **({"new_name": a.new_name} if a.new_name else {}),
+                  **settings},
     )
-    paths = write_report(report, out, show=a.show, plot=not a.no_plot)
+    paths = write_report(report, out, show=a.show, plot=not a.no_plot, flip_guard=a.flip_guard)
     seconds = time.perf_counter() - start
     print(format_summary(report))
     print(f"-> {', '.join(str(p) for p in paths.values())} ({seconds:.2f}s)")
-    if a.max_nfr is not None and report.nfr > a.max_nfr:
-        basis = report.summary["nfr_basis"]
-        regressed = report.negative.size if basis == "discrete" else report.regressions.size
+    gate = report.summary.get("gate")
+    if gate is not None and not gate["passed"]:
         print(
-            f"alignkit flips: FAILED: NFR {report.nfr:.4f} ({basis}) is above --max-nfr {a.max_nfr:g}: "
-            f"{regressed:,} of {len(report.data):,} items regressed (their ids are in {paths['json']})",
+            f"alignkit flips: FAILED: NFR {report.nfr:.4f} ({gate['basis']}) is above --max-nfr {a.max_nfr:g}: "
+            f"{gate['regressed']:,} of {gate['items']:,} items regressed (their ids are in {paths['json']})",
             file=sys.stderr,
         )
         return 1
-    if a.max_nfr is not None:
+    if gate is not None:
         print(f"NFR {report.nfr:.4f} <= --max-nfr {a.max_nfr:g}: passed")
     return 0
 
