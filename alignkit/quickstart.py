@@ -144,11 +144,13 @@ def _perstep_update(model, tokenizer, problems: list[dict], out: Path, s: TinyQu
     return trainer.model, report, config.output_dir
 
 
-def _flip_report(out: Path):
-    """The negative-flip report of old vs new predictions: written under ``out/flip_report``, summary printed."""
+def _flip_report(out: Path, old_name: str | None = None, new_name: str | None = None):
+    """The negative-flip report of old vs new predictions: written under ``out/flip_report``, summary printed;
+    ``old_name`` / ``new_name``: what the report calls the two models."""
     from alignkit.evaluation.flip_report import flip_report, format_summary, write_report
 
-    report = flip_report(old=out / "old_predictions.jsonl", new=out / "new_predictions.jsonl")
+    report = flip_report(old=out / "old_predictions.jsonl", new=out / "new_predictions.jsonl", old_name=old_name,
+                         new_name=new_name)
     paths = write_report(report, out / "flip_report", show=20)
     print("\n".join("      " + line for line in format_summary(report).splitlines()))
     print(f"      -> {', '.join(str(p) for p in paths.values())}")
@@ -219,7 +221,7 @@ def run_tiny_quickstart(output_dir: str = "outputs/quickstart_tiny", settings: T
     stage("eval_new", t0)
 
     print("[7/7] negative-flip report of the update (MUSCLE: items the SFT model solved and the update broke)")
-    report, paths = _flip_report(out)
+    report, paths = _flip_report(out, "SFT model", "after on-policy DPO" if s.update == "dpo" else "after per-step negatives")
     timings["total"] = round(time.perf_counter() - started, 1)
     summary = {
         "settings": asdict(s),
@@ -341,7 +343,7 @@ def run_quickstart(output_dir: str = "outputs/quickstart", settings: QuickstartS
     print(f"[6/6] evaluating the updated model (new) on the same {len(held_out)} problems; negative-flip report")
     new = _evaluate_and_save(model, tokenizer, held_out, verifier, out / "new_predictions.jsonl", s.max_new_tokens)
     stage("eval_new", t0)
-    report, paths = _flip_report(out)
+    report, paths = _flip_report(out, f"{s.model} (base)", f"{s.model} + on-policy DPO LoRA")
     timings["total"] = round(time.perf_counter() - started, 1)
     print(f"      accuracy before: {_accuracy_line(old)}\n      accuracy after:  {_accuracy_line(new)}")
     discrete = report.summary["discrete"]
