@@ -27,8 +27,9 @@ load does not distort) and prints its row as JSON.
 Columns: completions; kept tokens (in the completions, cut at the end-of-sequence token); decode steps
 (forwards after the prefill: for ``generate``, the longest row of each batch); generated tokens
 (row-steps decoded, counting rows that had already ended); wall and CPU seconds; kept tokens per
-CPU-second; completions per (wall) second; peak RSS of the child process and its growth over the loaded
-model.
+CPU-second; completions per (wall) second; peak RSS of the child process during the rollout and its
+growth over the RSS after loading (the growth includes the ~510 MB of SmolLM2's weights that the first
+forward pages in: the converted model's safetensors are memory-mapped).
 
 Targets (issue 12, SmolLM2 on one thread): ``hf`` within 1.5x of the best ``generate`` row and >= 3x
 ``hf before``, both in kept tokens per CPU-second.
