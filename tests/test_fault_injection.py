@@ -316,10 +316,13 @@ _FORK_SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
     from alignkit.output_dir import acquire_output_dir
     acquire_output_dir(sys.argv[1])
+    ready_r, ready_w = os.pipe()
     child = os.fork()
     if child == 0:  # a worker the run started (DataLoader, verifier pool) that outlives it
-        time.sleep(60)
+        os.write(ready_w, b"x")  # the fork handlers have run in this process (on a loaded machine the
+        time.sleep(60)           # run could otherwise be killed before the worker was ever scheduled)
         os._exit(0)
+    os.read(ready_r, 1)
     print(child, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
