@@ -34,82 +34,52 @@ METHOD_OF_TRAINER = {"DPOTrainer": "dpo", "NPOTrainer": "npo", "D2OTrainer": "d2
 METHOD_TITLES = {"dpo": "DPO", "npo": "NPO", "simnpo": "SimNPO", "ga": "gradient ascent", "d2o": "D²O",
                  "perstep": "per-step negatives", "sft": "SFT", "kto": "KTO"}
 
-# The paper of each method: title, arXiv id, BibTeX (DPO and KTO as TRL 1.16 cites them).
+# The paper of each method: title, arXiv id and its BibTeX entry, built from the same fields (DPO and KTO as
+# TRL 1.16 cites them).
+def _paper(kind: str, key: str, title: str, authors: str, year: int, arxiv: str, booktitle: str | None = None) -> dict:
+    fields = [("title", f"{{{{{title}}}}}"), ("author", f"{{{authors}}}"), ("year", str(year))]
+    fields += [("booktitle", f"{{{booktitle}}}")] if booktitle else []
+    fields += [("eprint", f"{{arXiv:{arxiv}}}")]
+    body = "".join(f"    {name:<12} = {value},\n" for name, value in fields)
+    return {"title": title, "id": arxiv, "citation": f"@{kind}{{{key},\n{body}}}"}
+
+
 PAPERS = {
-    "dpo": {
-        "title": "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
-        "id": "2305.18290",
-        "citation": """@inproceedings{rafailov2023direct,
-    title        = {{Direct Preference Optimization: Your Language Model is Secretly a Reward Model}},
-    author       = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and Stefano Ermon and Chelsea Finn},
-    year         = 2023,
-    booktitle    = {Advances in Neural Information Processing Systems 36 (NeurIPS 2023)},
-    eprint       = {arXiv:2305.18290},
-}""",
-    },
-    "npo": {
-        "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
-        "id": "2404.05868",
-        "citation": """@inproceedings{zhang2024negative,
-    title        = {{Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning}},
-    author       = {Ruiqi Zhang and Licong Lin and Yu Bai and Song Mei},
-    year         = 2024,
-    booktitle    = {First Conference on Language Modeling (COLM 2024)},
-    eprint       = {arXiv:2404.05868},
-}""",
-    },
-    "simnpo": {
-        "title": "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning",
-        "id": "2410.07163",
-        "citation": """@article{fan2024simplicity,
-    title        = {{Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning}},
-    author       = {Chongyu Fan and Jiancheng Liu and Licong Lin and Jinghan Jia and Ruiqi Zhang and Song Mei and Sijia Liu},
-    year         = 2024,
-    eprint       = {arXiv:2410.07163},
-}""",
-    },
-    "d2o": {
-        "title": "Negating Negatives: Alignment with Human Negative Samples via Distributional Dispreference Optimization",
-        "id": "2403.03419",
-        "citation": """@article{duan2024negating,
-    title        = {{Negating Negatives: Alignment with Human Negative Samples via Distributional Dispreference Optimization}},
-    author       = {Shitong Duan and Xiaoyuan Yi and Peng Zhang and Tun Lu and Xing Xie and Ning Gu},
-    year         = 2024,
-    eprint       = {arXiv:2403.03419},
-}""",
-    },
-    "perstep": {
-        "title": "RL on Incorrect Synthetic Data Scales the Efficiency of LLM Math Reasoning by Eight-Fold",
-        "id": "2406.14532",
-        "citation": """@inproceedings{setlur2024rl,
-    title        = {{RL on Incorrect Synthetic Data Scales the Efficiency of LLM Math Reasoning by Eight-Fold}},
-    author       = {Amrith Setlur and Saurabh Garg and Xinyang Geng and Naman Garg and Virginia Smith and Aviral Kumar},
-    year         = 2024,
-    booktitle    = {Advances in Neural Information Processing Systems 37 (NeurIPS 2024)},
-    eprint       = {arXiv:2406.14532},
-}""",
-    },
-    "sft": {
-        "title": "Training language models to follow instructions with human feedback",
-        "id": "2203.02155",
-        "citation": """@inproceedings{ouyang2022training,
-    title        = {{Training language models to follow instructions with human feedback}},
-    author       = {Long Ouyang and Jeff Wu and Xu Jiang and Diogo Almeida and Carroll L. Wainwright and Pamela Mishkin and Chong Zhang and Sandhini Agarwal and Katarina Slama and Alex Ray and John Schulman and Jacob Hilton and Fraser Kelton and Luke Miller and Maddie Simens and Amanda Askell and Peter Welinder and Paul Christiano and Jan Leike and Ryan Lowe},
-    year         = 2022,
-    booktitle    = {Advances in Neural Information Processing Systems 35 (NeurIPS 2022)},
-    eprint       = {arXiv:2203.02155},
-}""",
-    },
-    "kto": {
-        "title": "KTO: Model Alignment as Prospect Theoretic Optimization",
-        "id": "2402.01306",
-        "citation": """@article{ethayarajh2024kto,
-    title        = {{KTO: Model Alignment as Prospect Theoretic Optimization}},
-    author       = {Kawin Ethayarajh and Winnie Xu and Niklas Muennighoff and Dan Jurafsky and Douwe Kiela},
-    year         = 2024,
-    eprint       = {arXiv:2402.01306},
-}""",
-    },
+    "dpo": _paper(
+        "inproceedings", "rafailov2023direct",
+        "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+        "Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and Stefano Ermon and Chelsea Finn",
+        2023, "2305.18290", "Advances in Neural Information Processing Systems 36 (NeurIPS 2023)"),
+    "npo": _paper(
+        "inproceedings", "zhang2024negative",
+        "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
+        "Ruiqi Zhang and Licong Lin and Yu Bai and Song Mei",
+        2024, "2404.05868", "First Conference on Language Modeling (COLM 2024)"),
+    "simnpo": _paper(
+        "article", "fan2024simplicity",
+        "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning",
+        "Chongyu Fan and Jiancheng Liu and Licong Lin and Jinghan Jia and Ruiqi Zhang and Song Mei and Sijia Liu",
+        2024, "2410.07163"),
+    "d2o": _paper(
+        "article", "duan2024negating",
+        "Negating Negatives: Alignment with Human Negative Samples via Distributional Dispreference Optimization",
+        "Shitong Duan and Xiaoyuan Yi and Peng Zhang and Tun Lu and Xing Xie and Ning Gu",
+        2024, "2403.03419"),
+    "perstep": _paper(
+        "inproceedings", "setlur2024rl",
+        "RL on Incorrect Synthetic Data Scales the Efficiency of LLM Math Reasoning by Eight-Fold",
+        "Amrith Setlur and Saurabh Garg and Xinyang Geng and Naman Garg and Virginia Smith and Aviral Kumar",
+        2024, "2406.14532", "Advances in Neural Information Processing Systems 37 (NeurIPS 2024)"),
+    "sft": _paper(
+        "inproceedings", "ouyang2022training",
+        "Training language models to follow instructions with human feedback",
+        "Long Ouyang and Jeff Wu and Xu Jiang and Diogo Almeida and Carroll L. Wainwright and Pamela Mishkin and Chong Zhang and Sandhini Agarwal and Katarina Slama and Alex Ray and John Schulman and Jacob Hilton and Fraser Kelton and Luke Miller and Maddie Simens and Amanda Askell and Peter Welinder and Paul Christiano and Jan Leike and Ryan Lowe",
+        2022, "2203.02155", "Advances in Neural Information Processing Systems 35 (NeurIPS 2022)"),
+    "kto": _paper(
+        "article", "ethayarajh2024kto",
+        "KTO: Model Alignment as Prospect Theoretic Optimization",
+        "Kawin Ethayarajh and Winnie Xu and Niklas Muennighoff and Dan Jurafsky and Douwe Kiela",
+        2024, "2402.01306"),
 }
 
 # hyper-parameters always shown; any other config field is shown when it differs from its default
