@@ -338,16 +338,21 @@ def _rectangle(xy, color):
     return Rectangle(xy, 1, 1, facecolor=color, edgecolor="white", linewidth=2)
 
 
-def plot_report(report: FlipReport, path: str | Path) -> Path | None:
-    """flips.png (:func:`flip_figure`); ``None`` (with a warning) without matplotlib."""
+def _save_figure(build, path: str | Path, name: str) -> Path | None:
+    """``build()``'s figure saved at ``path``; ``None`` (with a warning naming ``name``) without matplotlib."""
     try:
-        fig = flip_figure(report)
+        fig = build()
     except ImportError:
-        warnings.warn("matplotlib is not installed: flips.png skipped (pip install matplotlib)", stacklevel=2)
+        warnings.warn(f"matplotlib is not installed: {name} skipped (pip install matplotlib)", stacklevel=3)
         return None
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def plot_report(report: FlipReport, path: str | Path) -> Path | None:
+    """flips.png (:func:`flip_figure`); ``None`` (with a warning) without matplotlib."""
+    return _save_figure(lambda: flip_figure(report), path, "flips.png")
 
 
 def flip_guard_figure(history: dict):
@@ -383,14 +388,7 @@ def plot_flip_guard(history: dict | str | Path, path: str | Path) -> Path | None
         history = json.loads(Path(history).read_text(encoding="utf-8"))
     if not history.get("history"):
         return None
-    try:
-        fig = flip_guard_figure(history)
-    except ImportError:
-        warnings.warn("matplotlib is not installed: flip_guard.png skipped (pip install matplotlib)", stacklevel=2)
-        return None
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _save_figure(lambda: flip_guard_figure(history), path, "flip_guard.png")
 
 
 def write_report(report: FlipReport, out_dir: str | Path, *, show: int = 50, plot: bool = True,
