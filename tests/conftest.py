@@ -7,6 +7,13 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+# transformers binds its log handler to whatever sys.stderr is when it first logs. Configure it now, under
+# pytest's session-long capture: configured first inside a test's capsys, it keeps that test's stream, which
+# is closed afterwards, and every later transformers warning prints "--- Logging error ---" with a traceback
+# (test_cli_mistakes then test_malformed_inputs, run alone, failed on that).
+hf_logging.get_logger("transformers")
 
 
 @pytest.fixture(scope="session")
