@@ -46,11 +46,7 @@ def is_input_error(error: BaseException) -> bool:
     if type(error).__module__.split(".")[0] == "yaml":  # a recipe that is not valid YAML
         return True
     if isinstance(error, ValueError) and not isinstance(error, UnicodeError):
-        tb = error.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-        return module.startswith(_INPUT_ERROR_MODULES)
+        return _innermost_module(error).startswith(_INPUT_ERROR_MODULES)
     return False
 
 
@@ -65,13 +61,17 @@ def _frame_names(error: BaseException) -> set[str]:
     return {frame.f_code.co_name for frame in _frames(error)}
 
 
-def _raised_in(error: BaseException, packages: tuple[str, ...]) -> bool:
-    """Whether the innermost frame of ``error``'s traceback is in one of ``packages``."""
+def _innermost_module(error: BaseException) -> str:
+    """The module of the innermost frame of ``error``'s traceback (``""`` without one)."""
     last = None
     for last in _frames(error):
         pass
-    module = last.f_globals.get("__name__", "") if last is not None else ""
-    return module.split(".")[0] in packages
+    return last.f_globals.get("__name__", "") if last is not None else ""
+
+
+def _raised_in(error: BaseException, packages: tuple[str, ...]) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is in one of ``packages``."""
+    return _innermost_module(error).split(".")[0] in packages
 
 
 class UsageError(ValueError):
