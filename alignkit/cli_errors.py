@@ -80,9 +80,7 @@ class UsageError(ValueError):
 
 def check_verifier_name(name: str) -> None:
     """A ``ValueError`` (exit 2) naming the registered verifiers, and the close ones, for an unknown name."""
-    from alignkit.did_you_mean import did_you_mean
-    from alignkit.verifiers import registered_verifiers
+    from alignkit.verifiers.registry import registered_verifiers, unknown_verifier_message
 
-    names = registered_verifiers()
-    if name not in names:
-        raise UsageError(f"unknown verifier {name!r}{did_you_mean(name, names)} (registered: {', '.join(names)})")
+    if name not in registered_verifiers():
+        raise UsageError(unknown_verifier_message(name))

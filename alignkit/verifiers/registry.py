@@ -36,7 +36,7 @@ def get_verifier(name: str, **kwargs) -> Verifier:
     from alignkit.verifiers import _load_builtin  # noqa: F401  (registers math, match, code; lazy: the sandbox)
 
     if name not in _REGISTRY:
-        raise UnknownVerifierError(f"unknown verifier {name!r}; registered: {sorted(_REGISTRY)}")
+        raise UnknownVerifierError(unknown_verifier_message(name))
     entry = _REGISTRY[name]
     if isinstance(entry, Verifier):
         if kwargs:
@@ -62,3 +62,12 @@ def registered_verifiers() -> list[str]:
     from alignkit.verifiers import _load_builtin  # noqa: F401  (lazy, as in get_verifier)
 
     return sorted(_REGISTRY)
+
+
+def unknown_verifier_message(name: str) -> str:
+    """What an unknown verifier name is told, in ``get_verifier``'s error and in the CLI's early check: the
+    registered names and the close ones."""
+    from alignkit.did_you_mean import did_you_mean
+
+    names = registered_verifiers()
+    return f"unknown verifier {name!r}{did_you_mean(name, names)}; registered: {names}"
