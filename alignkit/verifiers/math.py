@@ -37,6 +37,13 @@ certain: a percentage, an expression (``36 - 4``, ``\\sqrt{2}``), several values
 significant digits or a difference within rounding distance goes to math-verify.
 ``tests/test_verifiers_math.py`` checks the fast verdicts against math-verify's.
 
+**Symbolic comparison without ``simplify`` when certain.** math-verify's last check of two
+expressions is ``simplify(gold - pred).is_zero`` (5-80 ms). Inside ``verify`` here, a difference
+that is a rational function over the rationals (polynomials: ``(x+7)^2`` against its expansion) or a
+number that ``evalf`` certifies non-zero (``5\sqrt{3}`` against ``\sqrt{76}``) is decided exactly
+instead, with the verdict ``simplify`` gives; anything else still goes to ``simplify``
+(:mod:`alignkit.verifiers.math_zero`).
+
 Protections kept:
 
 * math-verify's own timeouts (``signal.alarm``) are off (``parsing_timeout=None``,
@@ -65,6 +72,7 @@ from functools import lru_cache
 from itertools import groupby
 
 from alignkit.verifiers.base import Verdict, Verifier, completion_text, register_verifier
+from alignkit.verifiers.math_zero import exact_shortcuts
 
 __all__ = [
     "MathVerifier",
@@ -721,14 +729,15 @@ def _judge(gold: str, text: str, options: MathOptions, gold_from_solution: bool)
         return _verdict(got.strip() == expected.strip(), got, expected)  # never evaluated: compared as text
     from math_verify import verify
 
-    correct = verify(
-        list(gold_parsed),
-        list(pred_parsed),
-        float_rounding=options.precision,
-        strict=options.strict,
-        allow_set_relation_comp=options.allow_set_relation_comp,
-        timeout_seconds=None,
-    )
+    with exact_shortcuts():  # simplify skipped where its answer is certain (same verdicts)
+        correct = verify(
+            list(gold_parsed),
+            list(pred_parsed),
+            float_rounding=options.precision,
+            strict=options.strict,
+            allow_set_relation_comp=options.allow_set_relation_comp,
+            timeout_seconds=None,
+        )
     return _verdict(correct, got, expected)
 
 
