@@ -127,3 +127,16 @@ def test_the_verifier_keeps_math_verifys_verdicts(gold, completion):
     targets = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
     expected = verify(parse(f"${gold}$", targets), parse(completion, targets))
     assert MathVerifier(fast_path=False).verify({"answer": gold}, completion).correct is expected
+
+
+def test_a_math_verify_without_the_function_runs_without_the_shortcut(monkeypatch):
+    """A math-verify version without sympy_symbolic_eq: nothing is installed and nothing raises."""
+    from math_verify import grader
+
+    from alignkit.verifiers import math_zero
+
+    monkeypatch.delattr(grader, "sympy_symbolic_eq")
+    monkeypatch.setattr(math_zero, "_INSTALLED", {})
+    with exact_shortcuts():
+        assert not hasattr(grader, "sympy_symbolic_eq")
+    assert math_zero._INSTALLED == {}

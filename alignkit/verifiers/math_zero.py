@@ -91,9 +91,12 @@ def _symbolic_eq_with_shortcuts(a, b) -> bool:
 
 
 def _install() -> None:
+    """Put the replacement in place once; a math-verify without ``sympy_symbolic_eq`` is left as it is
+    (no shortcut, the same verdicts)."""
     from math_verify import grader
 
-    if grader.sympy_symbolic_eq is not _symbolic_eq_with_shortcuts:
+    current = getattr(grader, "sympy_symbolic_eq", None)
+    if current is not None and current is not _symbolic_eq_with_shortcuts:
         _INSTALLED["original"] = grader.sympy_symbolic_eq
         grader.sympy_symbolic_eq = _symbolic_eq_with_shortcuts
 
