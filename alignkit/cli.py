@@ -70,6 +70,9 @@ def _train(argv: list[str]) -> int:
         trainer = run_recipe(*recipe)
     if config.process_index == 0:
         print(saved_message(config.output_dir, trainer))
+    close_rollout = getattr(getattr(trainer, "rollout", None), "close", None)  # D2O's and per-step's engine
+    if callable(close_rollout):
+        close_rollout()  # before the process group goes: vLLM's exit-time shutdown would find it gone
     _close_process_group()
     return 0
 

@@ -182,54 +182,58 @@ def run_onpolicy_rounds(
         load_saved_weights(model, saved[-1])
     if done:
         logger.info("on-policy: resuming after %d finished round(s)", done)
-    # a vLLM engine loads the checkpoint from disk: a resumed run gives it the resumed weights
-    engine = setup.engine(model, sync=bool(saved))
-    verifier = setup.verifier()
+    try:
+        # a vLLM engine loads the checkpoint from disk: a resumed run gives it the resumed weights
+        engine = setup.engine(model, sync=bool(saved))
+        verifier = setup.verifier()
 
-    trainer = None
-    for r in range(done, config.onpolicy_rounds):
-        round_dir = output_dir / f"round_{r}"
-        records_path = round_dir / "records.jsonl"
-        if not (resume and r == done and records_path.exists()):  # only the interrupted round's data is reused
-            start = time.perf_counter()
-            subset = round_problems(problems, r, config.prompts_per_round)
-            rows = map_sharded(subset, lambda share: sample_rollouts(engine, share, setup.args.rollout_n,
-                                                                     setup.sampling(r)))
+        trainer = None
+        for r in range(done, config.onpolicy_rounds):
+            round_dir = output_dir / f"round_{r}"
+            records_path = round_dir / "records.jsonl"
+            if not (resume and r == done and records_path.exists()):  # only the interrupted round's data is reused
+                start = time.perf_counter()
+                subset = round_problems(problems, r, config.prompts_per_round)
+                rows = map_sharded(subset, lambda share: sample_rollouts(engine, share, setup.args.rollout_n,
+                                                                         setup.sampling(r)))
+                if state_.is_main_process:
+                    rows = verify_rollouts(rows, verifier)
+                    stats = RolloutStats.of(rows, seconds=time.perf_counter() - start)
+                    records = build_records(rows)
+                    write_jsonl(rows, round_dir / "rollouts.jsonl")
+                    (round_dir / "rollout_stats.json").write_text(json.dumps({**stats.to_dict(), "records": len(records)}, indent=2))
+                    write_jsonl(records, records_path)  # last: its presence marks the round's data complete
+                    logger.info("round %d rollouts:\n%s\n%d training records", r, stats.format(), len(records))
+                state_.wait_for_everyone()
+            rollout_stats = json.loads((round_dir / "rollout_stats.json").read_text())
+            records = read_jsonl(records_path)
+            if not records:
+                logger.warning("round %d: no training records (all prompts all-right or no fallback); skipping", r)
+            else:
+                round_config = copy.copy(config)
+                round_config.output_dir = str(round_dir)
+                trainer = trainer_cls(
+                    model=model,
+                    args=round_config,
+                    train_dataset=records,
+                    eval_dataset=eval_dataset,
+                    processing_class=tokenizer,
+                    ref_model=ref_model,
+                    **(plugins if r == done else round_plugins() if round_plugins is not None else {}),
+                )
+                checkpoint = newest_complete_checkpoint(round_dir)[0] if resume else None
+                trainer.train(resume_from_checkpoint=checkpoint)
+                # after train(): it starts a fresh log history, and these describe the data it trained on
+                trainer.log({f"rollout/{k}": float(rollout_stats[k]) for k in ROUND_STATS} | {"round": float(r)})
+                trainer.save_model(str(round_dir / "model"))
+                model = trainer.model  # the unwrapped model (a peft model stays a peft model)
+            if r + 1 < config.onpolicy_rounds:
+                engine = setup.engine(model)  # sync the trained weights for the next round's sampling
+            state["rounds_completed"] = r + 1
+            state["history"].append({"round": r, **{k: rollout_stats[k] for k in ROUND_STATS}})
             if state_.is_main_process:
-                rows = verify_rollouts(rows, verifier)
-                stats = RolloutStats.of(rows, seconds=time.perf_counter() - start)
-                records = build_records(rows)
-                write_jsonl(rows, round_dir / "rollouts.jsonl")
-                (round_dir / "rollout_stats.json").write_text(json.dumps({**stats.to_dict(), "records": len(records)}, indent=2))
-                write_jsonl(records, records_path)  # last: its presence marks the round's data complete
-                logger.info("round %d rollouts:\n%s\n%d training records", r, stats.format(), len(records))
+                entry.store(state, write_json)
             state_.wait_for_everyone()
-        rollout_stats = json.loads((round_dir / "rollout_stats.json").read_text())
-        records = read_jsonl(records_path)
-        if not records:
-            logger.warning("round %d: no training records (all prompts all-right or no fallback); skipping", r)
-        else:
-            round_config = copy.copy(config)
-            round_config.output_dir = str(round_dir)
-            trainer = trainer_cls(
-                model=model,
-                args=round_config,
-                train_dataset=records,
-                eval_dataset=eval_dataset,
-                processing_class=tokenizer,
-                ref_model=ref_model,
-                **(plugins if r == done else round_plugins() if round_plugins is not None else {}),
-            )
-            checkpoint = newest_complete_checkpoint(round_dir)[0] if resume else None
-            trainer.train(resume_from_checkpoint=checkpoint)
-            # after train(): it starts a fresh log history, and these describe the data it trained on
-            trainer.log({f"rollout/{k}": float(rollout_stats[k]) for k in ROUND_STATS} | {"round": float(r)})
-            trainer.save_model(str(round_dir / "model"))
-            model = trainer.model  # the unwrapped model (a peft model stays a peft model)
-        engine = setup.engine(model)  # sync the trained weights
-        state["rounds_completed"] = r + 1
-        state["history"].append({"round": r, **{k: rollout_stats[k] for k in ROUND_STATS}})
-        if state_.is_main_process:
-            entry.store(state, write_json)
-        state_.wait_for_everyone()
+    finally:  # the engine's memory and process groups, freed before the caller goes on or exits
+        setup.close()
     return trainer, model

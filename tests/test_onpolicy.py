@@ -123,3 +123,68 @@ def test_two_processes_share_the_sampling_and_train_on_the_same_records(tmp_path
         assert [row["prompt"] for row in rows] == expected[start : start + 6]  # every prompt once, in order
         assert all(len(row["completions"]) == 2 for row in rows)
     assert (out / "model.safetensors").exists()
+
+
+class _ClosableEngine:
+    def __init__(self):
+        self.closed = 0
+
+    def generate(self, prompts, n=1, sampling=None):
+        raise AssertionError("not sampled in this test")
+
+    def sync_weights(self, model):
+        pass
+
+    def close(self):
+        self.closed += 1
+
+
+def test_rollout_setup_closes_the_engine_it_built_and_leaves_one_passed_in_open():
+    from alignkit.rollout.setup import RolloutSetup
+
+    built = []
+    setup = RolloutSetup(engine=lambda model, tokenizer: built.append(_ClosableEngine()) or built[-1])
+    setup.engine(object())
+    setup.close()
+    assert built[0].closed == 1 and not setup.built
+    setup.engine(object())  # a later call builds a new engine
+    assert len(built) == 2 and setup.built
+    mine = _ClosableEngine()
+    passed_in = RolloutSetup(engine=mine)
+    passed_in.engine(object())
+    passed_in.close()
+    assert mine.closed == 0 and passed_in.built
+
+
+def test_onpolicy_rounds_close_their_engine_and_skip_the_sync_after_the_last_round(tmp_path):
+    """The engine is shut down when the rounds end (a vLLM engine left to exit-time destructors printed a
+    traceback once the process group was gone), and it is not synced again after the last round."""
+    from alignkit.onpolicy import run_onpolicy_rounds
+
+    events = []
+
+    class Engine(_ClosableEngine):
+        def generate(self, prompts, n=1, sampling=None):
+            events.append("generate")
+            from alignkit.rollout.base import Completion
+
+            return [[Completion("The answer is 0.", [1], [-1.0], "stop")] * n for _ in prompts]
+
+        def sync_weights(self, model):
+            events.append("sync")
+
+        def close(self):
+            events.append("close")
+
+    method, config, model_args, data_args, rollout_args, *_ = parse_recipe(
+        RECIPE, SMALL + ["--output_dir", str(tmp_path / "run"), "--onpolicy_rounds", "2"])
+    from alignkit.modeling import load_model_and_tokenizer
+    from alignkit.recipes import _records_list, load_data, method_classes
+
+    _, trainer_cls = method_classes(method)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    problems = _records_list(load_data(data_args.train_data, data_args, "problems", train=True, tokenizer=tokenizer))
+    run_onpolicy_rounds(trainer_cls=trainer_cls, config=config, model=model, tokenizer=tokenizer, problems=problems,
+                        rollout_args=rollout_args, build_records=lambda rows: trainer_cls.onpolicy_records(config, rows),
+                        rollout_engine=lambda m, t: Engine(), verifier=LastNumberVerifier())
+    assert events == ["generate", "sync", "generate", "close"], events

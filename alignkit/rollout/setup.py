@@ -129,6 +129,17 @@ class RolloutSetup:
             self._engine.sync_weights(model)
         return self._engine
 
+    def close(self) -> None:
+        """Shut down the engine this setup built (its ``close()``: a vLLM engine frees its memory and its process
+        groups). An engine instance passed in is the caller's and is left open. A later :meth:`engine` call
+        builds a new one."""
+        if self.injected and self._factory is None:
+            return
+        engine, self._engine = self._engine, None
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close()
+
     def verifier(self):
         """The verifier (built once from ``args.verifier`` unless one was given)."""
         if self._verifier is None:
